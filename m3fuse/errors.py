@@ -13,6 +13,7 @@ EXIT_INTEGRITY = 4
 EXIT_ENVIRONMENT = 5
 
 EXIT_CODES_HELP = """\
+\b
 Exit codes:
   0  ok (or nothing to do)
   2  usage error (bad option, bad value)

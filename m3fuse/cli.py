@@ -1,0 +1,254 @@
+"""The command line: parse options, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, engine, mutex, resources
+from .errors import EXIT_CODES_HELP, EXIT_DRIFT, EXIT_OK, M3fuseError, UsageProblem
+from .patchset import load_all
+from .report import paths_json, tree_json, tree_table
+from .target import locate
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _emit_error(exc: M3fuseError, as_json: bool, extra: dict[str, Any] | None = None) -> int:
+    if as_json:
+        body = {"ok": False, "error": {"kind": exc.kind, "exit_code": exc.exit_code, "message": exc.message}}
+        body.update(extra or {})
+        click.echo(json.dumps(body, indent=2))
+    else:
+        click.echo(f"m3fuse: error: {exc.message}", err=True)
+    return exc.exit_code
+
+
+def _run(as_json: bool, body: Callable[[], int]) -> None:
+    try:
+        code = body()
+    except M3fuseError as exc:
+        code = _emit_error(exc, as_json)
+    sys.exit(code)
+
+
+def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--python", "python", metavar="PATH",
+                     help="Interpreter of the environment holding vLLM (default: the one running m3fuse)."),
+        click.option("--vllm-root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+                     help="Directory that contains the vllm/ package; overrides discovery."),
+        click.option("--patches", "patches_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+                     help="Folder of patch sets (default: the ones shipped with m3fuse)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def lock_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--lock-timeout", type=float, default=mutex.DEFAULT_TIMEOUT, show_default=True,
+                        metavar="SECONDS", help="How long to wait for another m3fuse run on the same tree.")(f)
+
+
+@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="m3fuse")
+def main() -> None:
+    """Apply, verify and revert the MiniMax M3 AITER all-reduce + Gemma RMSNorm fusion on an
+    installed vLLM. Refuses any file it does not recognise byte for byte."""
+
+
+def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None) -> engine.TreeState:
+    vllm = locate(python=python, vllm_root=vllm_root)
+    sets = load_all(patches_dir or resources.patches_dir())
+    return engine.inspect(vllm, sets)
+
+
+def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_dir: Path | None,
+                dry_run: bool, lock_timeout: float, echo: Callable[[str], None]) -> tuple[engine.TreeState, dict]:
+    vllm = locate(python=python, vllm_root=vllm_root)
+    sets = load_all(patches_dir or resources.patches_dir())
+    # Decide under the lock: a state read before waiting for another run would be stale.
+    with mutex.hold(vllm.root / "vllm", timeout=lock_timeout):
+        tree = engine.inspect(vllm, sets)
+        changes = engine.plan(tree, goal)
+        actions: dict[str, Any] = {"changed": [c.file.target.path for c in changes], "dry_run": dry_run}
+        if dry_run:
+            for c in changes:
+                echo(f"would make {c.file.target.path} {goal} (now {c.file.state})")
+            return tree, actions
+        actions["removed_temp_files"] = paths_json(engine.clean_leftovers(tree))
+        engine.execute(changes)
+        for c in changes:
+            echo(f"{goal}: {c.file.target.path}")
+        after = engine.inspect(vllm, sets)
+        # Bytecode an earlier tool left behind is repaired even when no file needed writing.
+        stale = [f for f in after.files if f.stale_bytecode]
+        for f in stale:
+            from .fingerprint import remove_bytecode
+
+            remove_bytecode(f.path)
+        if stale:
+            after = engine.inspect(vllm, sets)
+        if after.state != goal or after.problems:
+            raise M3fuseError(f"after writing, {vllm.root} is {after.state}, not {goal} "
+                              f"({'; '.join(after.problems) or 'no other detail'}). Run the command again.")
+        if not changes:
+            echo(f"nothing to do: already {goal}")
+        return after, actions
+
+
+def _wheel_step(name: str) -> Any:
+    try:
+        from . import wheels
+    except ImportError as exc:
+        raise UsageProblem(f"this m3fuse build cannot {name} the pinned wheels yet ({exc}); pass "
+                           f"--no-wheels to work on the vLLM patches only.") from exc
+    return wheels
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@target_options
+@lock_options
+@click.option("--no-wheels", is_flag=True, help="Only apply the patches; do not install the pinned wheels.")
+@click.option("--no-patches", is_flag=True, help="Only install the pinned wheels; do not patch vLLM.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Wheel lock file (default: the shipped wheels.lock).")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Download cache (default: $XDG_CACHE_HOME/m3fuse).")
+@click.option("--find-links", multiple=True, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Folder of wheel files to use instead of downloading (still hash-checked).")
+def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
+            lock_timeout: float, no_wheels: bool, no_patches: bool, dry_run: bool, lock_path: Path | None,
+            cache_dir: Path | None, find_links: tuple[Path, ...]) -> None:
+    """Install the pinned wheels, then patch vLLM (or neither)."""
+    echo = (lambda s: None) if as_json else click.echo
+
+    def body() -> int:
+        if no_wheels and no_patches:
+            raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
+        out: dict[str, Any] = {"ok": True, "command": "install"}
+        if not no_wheels:
+            wheels = _wheel_step("install")
+            opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
+                                       find_links=list(find_links), python=python or sys.executable)
+            out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
+        if not no_patches:
+            tree, actions = _transition(engine.PATCHED, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
+            out.update(tree_json(tree))
+            out["actions"] = actions
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+        return EXIT_OK
+
+    _run(as_json, body)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@target_options
+@lock_options
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
+           lock_timeout: float, dry_run: bool) -> None:
+    """Restore the pristine vLLM files exactly (the wheels stay installed)."""
+    echo = (lambda s: None) if as_json else click.echo
+
+    def body() -> int:
+        tree, actions = _transition(engine.PRISTINE, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "command": "revert", **tree_json(tree), "actions": actions}, indent=2))
+        return EXIT_OK
+
+    _run(as_json, body)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@target_options
+@click.option("--expect", type=click.Choice([engine.PATCHED, engine.PRISTINE]), default=engine.PATCHED,
+              show_default=True, help="The state the tree must be in.")
+@click.option("--no-wheels", is_flag=True, help="Do not check the pinned wheels (machines without ROCm wheels).")
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Wheel lock file (default: the shipped wheels.lock).")
+def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
+           expect: str, no_wheels: bool, lock_path: Path | None) -> None:
+    """Read-only check: exit 0 only if vLLM (and the wheels) are exactly as expected."""
+
+    def body() -> int:
+        tree = _tree(python, vllm_root, patches_dir)
+        out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
+        failures: list[str] = []
+        code = EXIT_OK
+        if tree.state in (engine.DRIFTED, engine.UNSUPPORTED):
+            try:
+                engine.refuse_unless_known(tree)
+            except M3fuseError as exc:
+                failures.append(exc.message)
+                code = exc.exit_code
+        elif tree.state != expect:
+            hint = ("an interrupted run left it half done; run `m3fuse install` or `m3fuse revert` to finish"
+                    if tree.state == engine.PARTIAL else
+                    f"run `m3fuse {'install' if expect == engine.PATCHED else 'revert'}`")
+            failures.append(f"vLLM at {tree.vllm.root} is {tree.state}, expected {expect}: {hint}.")
+            code = EXIT_DRIFT
+        if tree.problems:
+            failures += tree.problems
+            code = code or EXIT_DRIFT
+        if not no_wheels and expect == engine.PATCHED:
+            wheels = _wheel_step("verify")
+            results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable)
+            out["wheels"] = results
+            bad = [r for r in results if r.get("state") != "ok"]
+            for r in bad:
+                failures.append(f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}")
+            if bad:
+                code = code or 4 if any(r.get("state") == "record-mismatch" for r in bad) else code or 5
+        out["ok"] = code == EXIT_OK
+        out["failures"] = failures
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+        else:
+            click.echo(tree_table(tree))
+            for f in failures:
+                click.echo(f"FAIL: {f}", err=True)
+            click.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")
+        return code
+
+    _run(as_json, body)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@target_options
+def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool) -> None:
+    """Show vLLM's version and location, the matching patch set and each file's state."""
+
+    def body() -> int:
+        tree = _tree(python, vllm_root, patches_dir)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "command": "status", **tree_json(tree)}, indent=2))
+        else:
+            click.echo(tree_table(tree))
+        return EXIT_OK
+
+    _run(as_json, body)
+
+
+def _register_wheel_commands() -> None:
+    try:
+        from .cli_wheels import fetch_command, lock_group
+    except ImportError:
+        return
+    main.add_command(fetch_command, "fetch")
+    main.add_command(lock_group, "lock")
+
+
+_register_wheel_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,229 @@
+"""Decide what state a vLLM tree is in, and move it to patched or pristine as one transaction.
+
+The state is read from content alone (every target's sha256 against the set's pins), so a run
+that was killed at any point is recognised by the next one: each file is replaced atomically,
+hence always pristine or patched, and a mix of the two is the "partial" state that `install`
+and `revert` both know how to finish.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import atomic
+from .errors import DriftError, EnvironmentProblem, PatchSetError, UnsupportedError
+from .fingerprint import read_record, sha256_bytes, sha256_file, stale_bytecode
+from .hunks import apply_diff
+from .patchset import PatchSet, Target, resolve_inside
+from .target import VllmTarget
+
+PRISTINE, PATCHED, DRIFTED, MISSING, NOT_A_FILE = "pristine", "patched", "drifted", "missing", "not-a-file"
+PARTIAL, UNSUPPORTED = "partial", "unsupported"
+
+
+@dataclass
+class FileState:
+    target: Target
+    path: Path
+    state: str
+    sha256: str | None
+    record: str | None = None  # "match" / "differs" / "unlisted" against the vLLM wheel's RECORD
+    stale_bytecode: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TreeState:
+    vllm: VllmTarget
+    patch_set: PatchSet | None
+    files: list[FileState]
+    state: str  # pristine / patched / partial / drifted / unsupported
+    supported: list[PatchSet]
+    leftovers: list[Path] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        out = [f"{f.path}: {s}" for f in self.files for s in f.stale_bytecode]
+        out += [f"{p}: temp file left by an interrupted m3fuse run" for p in self.leftovers]
+        return out
+
+
+def _file_state(root: Path, t: Target, cache: dict[str, tuple[str, str | None]]) -> FileState:
+    path = resolve_inside(root, t.path)
+    if t.path not in cache:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            cache[t.path] = (MISSING, None)
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                cache[t.path] = (NOT_A_FILE, None)
+            else:
+                try:
+                    cache[t.path] = ("", sha256_file(path))
+                except OSError as exc:
+                    raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from exc
+    kind, digest = cache[t.path]
+    if not kind:
+        kind = PRISTINE if digest == t.pristine_sha256 else PATCHED if digest == t.patched_sha256 else DRIFTED
+    return FileState(t, path, kind, digest)
+
+
+def _summarise(files: list[FileState]) -> str:
+    states = {f.state for f in files}
+    if states == {PRISTINE}:
+        return PRISTINE
+    if states == {PATCHED}:
+        return PATCHED
+    if states <= {PRISTINE, PATCHED}:
+        return PARTIAL
+    return DRIFTED
+
+
+def inspect(vllm: VllmTarget, sets: list[PatchSet], *, deep: bool = True) -> TreeState:
+    """Read-only: fingerprint the tree against every set and pick the one it matches."""
+    cache: dict[str, tuple[str, str | None]] = {}
+    per_set = [(s, [_file_state(vllm.root, t, cache) for t in s.targets]) for s in sets]
+    matching = [(s, fs) for s, fs in per_set if all(f.state in (PRISTINE, PATCHED) for f in fs)]
+    if len(matching) > 1 and vllm.version:
+        by_version = [(s, fs) for s, fs in matching if vllm.version in s.vllm_versions]
+        matching = by_version or matching
+    if len(matching) > 1:
+        raise PatchSetError(
+            f"the files under {vllm.root} match {len(matching)} patch sets "
+            f"({', '.join(s.name for s, _ in matching)}); the sets overlap and m3fuse cannot choose. "
+            f"Remove the extra set or pass --patches with only the one you mean.")
+    if matching:
+        pset, files = matching[0]
+        state = _summarise(files)
+    else:
+        for_version = [(s, fs) for s, fs in per_set if vllm.version and vllm.version in s.vllm_versions]
+        # With no set for this version, show the set it comes closest to: that is what a user
+        # comparing "which files differ" wants to see first.
+        pool = for_version or per_set
+        if not pool:
+            return TreeState(vllm, None, [], UNSUPPORTED, sets)
+        pset, files = max(pool, key=lambda sf: sum(f.state in (PRISTINE, PATCHED) for f in sf[1]))
+        state = DRIFTED if for_version else UNSUPPORTED
+    tree = TreeState(vllm, pset, files, state, sets)
+    if deep:
+        record = read_record(vllm.dist_info) if vllm.dist_info else {}
+        for f in files:
+            if record:
+                want = record.get(f.target.path)
+                f.record = "unlisted" if want is None else "match" if want == f.sha256 else "differs"
+            f.stale_bytecode = [f"{b.path.name}: {b.reason}" for b in stale_bytecode(f.path)]
+        dirs = sorted({f.path.parent for f in files})
+        tree.leftovers = [p for d in dirs for p in atomic.leftovers(d)]
+    return tree
+
+
+def _describe_files(tree: TreeState) -> str:
+    parts = []
+    for f in tree.files:
+        if f.state in (PRISTINE, PATCHED):
+            parts.append(f"{f.target.path} is {f.state}")
+        else:
+            got = f.sha256 or f.state
+            parts.append(f"{f.target.path}: expected sha256 {f.target.pristine_sha256} (pristine) or "
+                         f"{f.target.patched_sha256} (patched), got {got}")
+    return "; ".join(parts)
+
+
+def refuse_unless_known(tree: TreeState) -> None:
+    """Raise the drift / unsupported error for a tree no set recognises."""
+    version = tree.vllm.version or "unknown (no vllm dist-info)"
+    supported = ", ".join(f"{s.name} (vLLM {', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
+    if tree.state == DRIFTED:
+        raise DriftError(
+            f"vLLM {version} at {tree.vllm.root} has drifted from patch set {tree.patch_set.name}: "
+            f"{_describe_files(tree)}. Nothing was changed. The installed files are not the release "
+            f"m3fuse knows; reinstall vLLM {version} from its wheel (pip install --force-reinstall "
+            f"--no-deps vllm=={version}) and run m3fuse again.")
+    if tree.state == UNSUPPORTED:
+        closest = f" Closest set {tree.patch_set.name}: {_describe_files(tree)}." if tree.patch_set else ""
+        raise UnsupportedError(
+            f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its files.{closest} "
+            f"Supported sets: {supported}. Nothing was changed. Install one of those releases, or add "
+            f"a patch set for this one under patches/.")
+
+
+@dataclass
+class Change:
+    file: FileState
+    new_data: bytes
+    new_state: str
+
+
+def plan(tree: TreeState, goal: str) -> list[Change]:
+    """Compute every file's new bytes in memory and prove them against the pins before any
+    write: a broken patch set is caught here, with the tree untouched."""
+    refuse_unless_known(tree)
+    assert tree.patch_set is not None
+    changes = []
+    for f in tree.files:
+        if f.state == goal:
+            continue
+        t = f.target
+        try:
+            current = f.path.read_bytes()
+        except OSError as exc:
+            raise EnvironmentProblem(f"{f.path}: cannot read it ({exc.strerror}).") from exc
+        if sha256_bytes(current) != f.sha256:
+            raise DriftError(f"{f.path}: changed while m3fuse was reading the tree (another process is "
+                             f"writing to it). Nothing was changed; run again when it is quiet.")
+        new = apply_diff(current, t.diff, reverse=(goal == PRISTINE), name=str(t.patch_file))
+        want = t.patched_sha256 if goal == PATCHED else t.pristine_sha256
+        got = sha256_bytes(new)
+        if got != want:
+            raise PatchSetError(
+                f"{t.patch_file}: applying it to {t.path} gives sha256 {got}, but the manifest pins "
+                f"{want} for the {goal} file. The patch set is inconsistent; nothing was changed. "
+                f"Restore the patch set from the m3fuse release.")
+        if t.path.endswith(".py"):
+            try:
+                compile(new, str(f.path), "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                raise PatchSetError(f"{t.patch_file}: the {goal} {t.path} does not compile ({exc.msg}, line "
+                                    f"{exc.lineno}); nothing was changed.") from exc
+        changes.append(Change(f, new, goal))
+    _preflight(changes)
+    return changes
+
+
+def _preflight(changes: list[Change]) -> None:
+    for c in changes:
+        d = c.file.path.parent
+        for where in (d, d / "__pycache__"):
+            if where.exists() and not os.access(where, os.W_OK | os.X_OK):
+                raise EnvironmentProblem(
+                    f"{where}: not writable by this user (uid {os.getuid()}), so {c.file.path.name} cannot "
+                    f"be replaced. Nothing was changed. Run m3fuse as the owner of the vLLM install "
+                    f"(in a container build, as root) or make the tree writable.")
+
+
+def clean_leftovers(tree: TreeState) -> list[Path]:
+    removed = []
+    for p in tree.leftovers:
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise EnvironmentProblem(f"{p}: cannot remove this temp file of an interrupted run "
+                                     f"({exc.strerror}).") from exc
+    return removed
+
+
+def execute(changes: list[Change]) -> None:
+    for c in changes:
+        try:
+            atomic.replace_file(c.file.path, c.new_data)
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"{c.file.path}: writing it failed ({exc.strerror or exc}). Files already written are "
+                f"complete and the rest untouched: every file is pristine or patched. Fix the cause "
+                f"and run the same command again to finish.") from exc

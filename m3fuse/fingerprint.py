@@ -1,0 +1,135 @@
+"""Content fingerprints: sha256 of files, the wheel RECORD's own hashes, and bytecode staleness."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # 3.11+: OpenSSL reads straight into its buffer
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+        return h.hexdigest()
+
+
+def is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def record_digest_to_hex(value: str) -> str | None:
+    """RECORD stores `sha256=<urlsafe base64, unpadded>`; return the hex digest, or None."""
+    algo, _, b64 = value.partition("=")
+    if algo != "sha256" or not b64:
+        return None
+    try:
+        return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+    except ValueError:
+        return None
+
+
+def read_record(dist_info: Path) -> dict[str, str]:
+    """Map each RECORD path to its sha256 hex; files without a hash are left out."""
+    try:
+        text = (dist_info / "RECORD").read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2 and row[1]:
+            digest = record_digest_to_hex(row[1])
+            if digest:
+                out[row[0]] = digest
+    return out
+
+
+@dataclass(frozen=True)
+class StaleBytecode:
+    path: Path
+    reason: str
+
+
+def _pyc_candidates(source: Path) -> list[Path]:
+    cache = source.parent / "__pycache__"
+    try:
+        return sorted(p for p in cache.iterdir() if p.name.startswith(source.stem + ".") and p.suffix == ".pyc")
+    except OSError:
+        return []
+
+
+def bytecode_files(source: Path) -> list[Path]:
+    """Every cached bytecode file that belongs to `source`, for any interpreter tag."""
+    stem = source.stem + "."
+    return [p for p in _pyc_candidates(source) if p.name[len(stem):].count(".") >= 1]
+
+
+def stale_bytecode(source: Path) -> list[StaleBytecode]:
+    """Bytecode an interpreter would load instead of recompiling `source`, although it was not
+    compiled from the current text.
+
+    Only hash-based pycs can be proven stale; a timestamp pyc whose recorded mtime and size
+    equal the source's is trusted by Python, and so is reported when its mtime predates the
+    source's current inode change (m3fuse replaces files, so a pyc that old is from before).
+    """
+    import importlib.util
+
+    try:
+        data = source.read_bytes()
+        st = source.stat()
+    except OSError:
+        return []
+    out: list[StaleBytecode] = []
+    for pyc in bytecode_files(source):
+        try:
+            with open(pyc, "rb") as f:
+                header = f.read(16)
+        except OSError:
+            continue
+        if len(header) < 16:
+            continue
+        if header[:4] != importlib.util.MAGIC_NUMBER:
+            # Another interpreter's bytecode: its hash key differs, so it cannot be judged
+            # here; m3fuse removes such files whenever it writes the source.
+            continue
+        flags = struct.unpack("<I", header[4:8])[0]
+        if flags & 0b1:
+            checked = bool(flags & 0b10)
+            if header[8:16] != importlib.util.source_hash(data) and not checked:
+                out.append(StaleBytecode(pyc, "unchecked hash-based .pyc compiled from other source text; "
+                                              "Python will run it without looking at the source"))
+        else:
+            mtime, size = struct.unpack("<II", header[8:16])
+            if mtime == (int(st.st_mtime) & 0xFFFFFFFF) and size == (st.st_size & 0xFFFFFFFF):
+                pyc_st = pyc.stat()
+                if pyc_st.st_mtime_ns < st.st_ctime_ns - 1_000_000_000:
+                    out.append(StaleBytecode(pyc, "timestamp .pyc whose recorded mtime and size equal the "
+                                                  "source's but which is older than the source file itself"))
+    return out
+
+
+def remove_bytecode(source: Path) -> list[Path]:
+    removed = []
+    for pyc in bytecode_files(source):
+        try:
+            os.unlink(pyc)
+            removed.append(pyc)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,151 @@
+"""Patch sets: a folder of unified diffs plus `manifest.toml`, loaded and checked as plain data.
+
+Everything here is validated before m3fuse reads or writes a single file of the vLLM tree:
+paths must be relative, inside the tree, unique; hashes well formed; each diff parseable and
+naming the file the manifest says it patches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import PatchSetError
+from .fingerprint import is_sha256_hex
+from .hunks import FileDiff, parse_diff
+from .tomlread import TOMLDecodeError, loads
+
+MANIFEST = "manifest.toml"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str  # relative to the vLLM root (the directory that contains `vllm/`), POSIX form
+    patch_file: Path
+    pristine_sha256: str
+    patched_sha256: str
+    diff: FileDiff
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    name: str
+    folder: Path
+    vllm_versions: tuple[str, ...]
+    summary: str
+    targets: tuple[Target, ...]
+
+
+def check_relative_path(rel: object, *, where: str) -> str:
+    """Refuse any path that could leave the vLLM root before it is joined to anything."""
+    if not isinstance(rel, str) or not rel:
+        raise PatchSetError(f"{where}: a target path must be a non-empty string, got {rel!r}.")
+    if "\\" in rel or "\x00" in rel:
+        raise PatchSetError(f"{where}: target path {rel!r} contains a backslash or NUL; use POSIX "
+                            f"paths relative to the vLLM root, like 'vllm/models/x.py'.")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith("/"):
+        raise PatchSetError(f"{where}: target path {rel!r} is absolute; it must be relative to the "
+                            f"vLLM root (e.g. 'vllm/models/minimax_m3/amd/model.py'). Refusing the set.")
+    if any(part in ("..", ".", "") for part in rel.split("/")):
+        raise PatchSetError(f"{where}: target path {rel!r} contains '..' or '.' components and could "
+                            f"point outside the vLLM tree. Refusing the set.")
+    return rel
+
+
+def _str(table: dict, key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise PatchSetError(f"{where}: '{key}' must be a non-empty string, got {value!r}.")
+    return value
+
+
+def load_patchset(folder: Path) -> PatchSet:
+    manifest_path = folder / MANIFEST
+    where = str(manifest_path)
+    try:
+        raw = manifest_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PatchSetError(f"{where}: cannot read the manifest ({exc.strerror}). Every folder under "
+                            f"patches/ needs a manifest.toml.") from exc
+    try:
+        data = loads(raw)
+    except TOMLDecodeError as exc:
+        raise PatchSetError(f"{where}: not valid TOML ({exc}). Restore it from the m3fuse release.") from exc
+    if data.get("format") != FORMAT:
+        raise PatchSetError(f"{where}: format is {data.get('format')!r}, this m3fuse reads format {FORMAT}. "
+                            f"Use the m3fuse release that ships this patch set.")
+    name = _str(data, "name", where)
+    versions = data.get("vllm-versions")
+    if not isinstance(versions, list) or not versions or not all(isinstance(v, str) and v for v in versions):
+        raise PatchSetError(f"{where}: 'vllm-versions' must be a non-empty list of version strings, got {versions!r}.")
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        raise PatchSetError(f"{where}: no [[files]] entries; a patch set must patch at least one file.")
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(files, 1):
+        ewhere = f"{where} [[files]] #{i}"
+        if not isinstance(entry, dict):
+            raise PatchSetError(f"{ewhere}: must be a table.")
+        rel = check_relative_path(entry.get("path"), where=ewhere)
+        if rel in seen:
+            raise PatchSetError(f"{ewhere}: target {rel!r} is listed twice; each file may be patched by one "
+                                f"diff only (two would depend on their order). Merge the diffs.")
+        seen.add(rel)
+        patch_name = _str(entry, "patch", ewhere)
+        if "/" in patch_name or "\\" in patch_name or patch_name in (".", ".."):
+            raise PatchSetError(f"{ewhere}: patch {patch_name!r} must be a file name inside {folder}.")
+        hashes = {}
+        for key in ("pristine-sha256", "patched-sha256"):
+            value = entry.get(key)
+            if not is_sha256_hex(value):
+                raise PatchSetError(f"{ewhere}: '{key}' must be 64 lowercase hex digits, got {value!r}. "
+                                    f"Regenerate the manifest with tools/mkpatch.py.")
+            hashes[key] = value
+        if hashes["pristine-sha256"] == hashes["patched-sha256"]:
+            raise PatchSetError(f"{ewhere}: pristine and patched sha256 are equal; the state of {rel} "
+                                f"could never be told.")
+        patch_path = folder / patch_name
+        try:
+            raw_patch = patch_path.read_bytes()
+        except OSError as exc:
+            raise PatchSetError(f"{ewhere}: cannot read patch file {patch_path} ({exc.strerror}).") from exc
+        try:
+            text = raw_patch.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PatchSetError(f"{patch_path}: not UTF-8 text; it is binary or corrupted. Restore it "
+                                f"from the m3fuse release.") from exc
+        diff = parse_diff(text, name=str(patch_path))
+        if diff.target_path != rel or diff.source_path != rel:
+            raise PatchSetError(f"{patch_path}: the diff patches {diff.target_path!r} but the manifest says "
+                                f"{rel!r}. Fix the manifest entry or the diff header.")
+        targets.append(Target(rel, patch_path, hashes["pristine-sha256"], hashes["patched-sha256"], diff))
+    return PatchSet(name, folder, tuple(versions), str(data.get("summary", "")), tuple(targets))
+
+
+def load_all(patches_root: Path) -> list[PatchSet]:
+    """Every patch set under `patches_root` (one per sub-folder holding a manifest)."""
+    if not patches_root.is_dir():
+        raise PatchSetError(f"{patches_root}: the patch-set folder does not exist. Reinstall m3fuse or "
+                            f"pass --patches DIR.")
+    sets = [load_patchset(d) for d in sorted(patches_root.iterdir()) if (d / MANIFEST).is_file()]
+    names = [s.name for s in sets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PatchSetError(f"{patches_root}: patch-set names {dupes} are used by more than one folder.")
+    return sets
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """`root/rel`, refusing it if symlinks anywhere on the way lead outside `root`."""
+    base = Path(os.path.realpath(root))
+    candidate = Path(os.path.realpath(base / rel))
+    if candidate != base and base not in candidate.parents:
+        raise PatchSetError(
+            f"{base / rel}: resolves through a symlink to {candidate}, outside the vLLM root {base}. "
+            f"m3fuse only edits files inside the tree it was pointed at; replace the link with the "
+            f"real file (reinstall vLLM) and retry.")
+    return base / rel

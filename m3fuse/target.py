@@ -1,0 +1,119 @@
+"""Find the vLLM installation to work on, without importing vllm (it needs torch and a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EnvironmentProblem
+
+# Runs inside the target interpreter. find_spec on a top-level package locates it without
+# executing its __init__; the dist-info next to it gives the version cheaply.
+_QUERY = r"""
+import importlib.util, json, sys
+spec = importlib.util.find_spec("vllm")
+locs = list(spec.submodule_search_locations or []) if spec else []
+version = None
+if spec is not None:
+    try:
+        import importlib.metadata as md
+        version = md.version("vllm")
+    except Exception:
+        version = None
+print(json.dumps({"executable": sys.executable, "version_info": list(sys.version_info[:3]),
+                  "locations": locs, "version": version}))
+"""
+
+
+@dataclass(frozen=True)
+class VllmTarget:
+    root: Path  # the directory that contains the `vllm/` package
+    version: str | None  # from the vllm dist-info, when there is one
+    python: str | None  # the interpreter it belongs to, when known
+    dist_info: Path | None
+
+
+def _dist_info(root: Path) -> tuple[Path | None, str | None]:
+    found = sorted(root.glob("vllm-*.dist-info"))
+    for d in found:
+        try:
+            for line in (d / "METADATA").read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("Version:"):
+                    return d, line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+        except OSError:
+            continue
+    return (found[0] if found else None), None
+
+
+def from_root(root: Path, *, python: str | None = None, version: str | None = None) -> VllmTarget:
+    root = Path(root)
+    if not (root / "vllm").is_dir():
+        raise EnvironmentProblem(
+            f"{root}: there is no 'vllm' package directory here. --vllm-root must name the directory "
+            f"that contains vllm/ (site-packages, or an extracted wheel), e.g. "
+            f"'.venv/lib/python3.12/site-packages'.")
+    dist_info, meta_version = _dist_info(root)
+    return VllmTarget(root, meta_version or version, python, dist_info)
+
+
+def query_interpreter(python: str, code: str, *, what: str) -> dict:
+    """Run `code` in another interpreter and parse the one JSON line it prints."""
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
+    except FileNotFoundError as exc:
+        raise EnvironmentProblem(f"--python {python}: no such file. Pass the path of the interpreter of "
+                                 f"the environment to {what}, e.g. /opt/venv/bin/python.") from exc
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"--python {python}: not executable ({exc.strerror}). Pass a Python "
+                                 f"interpreter, e.g. /opt/venv/bin/python.") from exc
+    except OSError as exc:
+        raise EnvironmentProblem(f"--python {python}: cannot run it ({exc.strerror or exc}). Pass a Python "
+                                 f"interpreter, e.g. /opt/venv/bin/python.") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise EnvironmentProblem(f"--python {python}: did not answer within 120 s while asked to {what}.") from exc
+    line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
+    try:
+        data = json.loads(line[0]) if line else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        detail = (proc.stderr or proc.stdout).strip()[-400:]
+        raise EnvironmentProblem(
+            f"--python {python}: expected a Python >= 3.8 interpreter, but running it exited "
+            f"{proc.returncode} without the expected answer ({detail or 'no output'}). Pass the "
+            f"interpreter of the environment that holds vLLM.")
+    return data
+
+
+def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmTarget:
+    if vllm_root is not None:
+        return from_root(vllm_root, python=python)
+    if python is not None:
+        info = query_interpreter(python, _QUERY, what="locate vllm")
+        exe = info.get("executable") or python
+    else:
+        info = _query_here()
+        exe = sys.executable
+    locations = info.get("locations") or []
+    if not locations:
+        raise EnvironmentProblem(
+            f"vLLM is not installed for {exe}: `import vllm` would fail there. Install vLLM into that "
+            f"environment, point m3fuse at it with --python /path/to/python, or at an unpacked tree "
+            f"with --vllm-root DIR.")
+    pkg_dir = Path(locations[0])
+    return from_root(pkg_dir.parent, python=exe, version=info.get("version"))
+
+
+def _query_here() -> dict:
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return {"locations": locations, "version": None}
