@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+TEST_VENV := .venv-test
+PYTEST_ARGS ?=
+
+.PHONY: test demo stress bench clean
+
+$(TEST_VENV)/.ready: pyproject.toml
+	rm -rf $(TEST_VENV)
+	$(PY) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(TEST_VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+test: $(TEST_VENV)/.ready
+	$(TEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+stress: $(TEST_VENV)/.ready
+	M3FUSE_STRESS=full $(TEST_VENV)/bin/python -m pytest -q -m stress $(PYTEST_ARGS)
+
+demo:
+	PY=$(PY) bash tools/demo.sh
+
+bench: $(TEST_VENV)/.ready
+	$(TEST_VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(TEST_VENV) .demo build dist
