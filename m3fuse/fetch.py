@@ -1,0 +1,355 @@
+"""Download pinned wheels into a content-addressed cache, verifying size and sha256.
+
+Only bytes whose sha256 equals the pin ever reach the cache proper
+(`<cache>/wheels/sha256/<aa>/<full-hash>/<wheel file name>`); a download in progress lives in
+`<cache>/tmp/` and is deleted on any failure. A cached file is re-hashed before every use, so
+a file damaged on disk is noticed, dropped and fetched again.
+
+`requests` is imported only when a network download is really needed: `m3fuse verify` and
+cached or `file://` / `--find-links` installs never pay for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from .errors import EnvironmentProblem, IntegrityError
+from .lock import LockedWheel
+
+CHUNK = 1 << 20
+USER_AGENT = "m3fuse (wheel fetch)"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class FetchConfig:
+    cache_dir: Path | None = None
+    find_links: list[Path] = field(default_factory=list)
+    retries: int = 4  # extra attempts after the first
+    backoff: float = 2.0  # seconds; doubles per attempt (2, 4, 8, ...), capped at backoff_max
+    backoff_max: float = 30.0
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0  # longest silence tolerated mid-body
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    echo: Callable[[str], None] = _quiet
+
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "m3fuse"
+
+
+def cache_path(root: Path, wheel: LockedWheel) -> Path:
+    # Content-addressed by the pin; the file keeps its wheel name because pip reads the tags
+    # and the distribution from the file name.
+    return root / "wheels" / "sha256" / wheel.sha256[:2] / wheel.sha256 / wheel.name
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return h.hexdigest(), n
+
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "unknown size"
+    return f"{n} bytes"
+
+
+def mismatch_message(wheel: LockedWheel, source: str, got_sha: str, got_size: int, *, removed: bool = True) -> str:
+    size_note = ""
+    if wheel.size is not None and got_size != wheel.size:
+        size_note = (f" The size differs too (expected {wheel.size} bytes, got {got_size})"
+                     + (": the file is truncated, so the transfer was cut short." if got_size < wheel.size
+                        else ": the file is larger than pinned, so it is a different file."))
+    elif wheel.size is not None:
+        size_note = f" The size is right ({got_size} bytes), so the content itself differs: a different or tampered file."
+    else:
+        size_note = f" The lock pins no size; {got_size} bytes were received."
+    return (f"THESE FILES DO NOT MATCH THE HASHES IN THE LOCK: {wheel.name} from {source}: "
+            f"expected sha256 {wheel.sha256}, got {got_sha}.{size_note} "
+            + ("The bad file was deleted and nothing was installed. " if removed else "Nothing was installed. ")
+            + "If the lock is right, someone may have changed the file at its source: do not "
+            "install it; fetch it again from a trusted source, or, if the new build is intended, "
+            "re-pin it with `m3fuse lock add`.")
+
+
+class _Progress:
+    """A one-line bar on a terminal; otherwise nothing (the caller echoes start/end lines)."""
+
+    def __init__(self, name: str, total: int | None, enabled: bool) -> None:
+        self.name, self.total, self.enabled = name, total, enabled
+        self.last = 0.0
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and (self.total is None or done < self.total):
+            return
+        self.last = now
+        if self.total:
+            pct = min(100, done * 100 // self.total)
+            bar = "#" * (pct * 30 // 100)
+            line = f"\r  {self.name[:40]:40} [{bar:30}] {pct:3d}% {done / 1e6:8.1f} MB"
+        else:
+            line = f"\r  {self.name[:40]:40} {done / 1e6:8.1f} MB"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _Retry(Exception):
+    """A transient failure: the attempt may be repeated (resuming where possible)."""
+
+
+def local_source(wheel: LockedWheel, cfg: FetchConfig) -> Path | None:
+    """A local file to read the wheel from: a --find-links folder first, then a file:// URL."""
+    for d in cfg.find_links:
+        cand = Path(d) / wheel.name
+        if cand.is_file():
+            return cand
+    parts = urlsplit(wheel.url)
+    if parts.scheme.lower() == "file":
+        return Path(url2pathname(parts.path))
+    return None
+
+
+def cached(wheel: LockedWheel, cfg: FetchConfig) -> Path | None:
+    """The cached file if present and still matching its pin (re-hashed now); a damaged one
+    is deleted so it is fetched again."""
+    path = cache_path(cfg.cache_root(), wheel)
+    if not path.is_file():
+        return None
+    sha, size = hash_file(path)
+    if sha == wheel.sha256 and (wheel.size is None or size == wheel.size):
+        return path
+    cfg.echo(f"cached {path} no longer matches its pin (sha256 {sha}, {size} bytes); deleting it and fetching again")
+    _unlink(path)
+    return None
+
+
+def obtain(wheel: LockedWheel, cfg: FetchConfig, *, allow_network: bool = True) -> Path | None:
+    """Return the path of a verified copy of `wheel` in the cache, fetching it if needed.
+    With allow_network=False a wheel that is neither cached nor local yields None."""
+    hit = cached(wheel, cfg)
+    if hit:
+        cfg.echo(f"{wheel.name}: cached, sha256 ok")
+        return hit
+    local = local_source(wheel, cfg)
+    if local is not None:
+        return _from_local(wheel, local, cfg)
+    if not allow_network:
+        return None
+    return _download_verified(wheel, cfg)
+
+
+def _tmp_dir(cfg: FetchConfig) -> Path:
+    root = cfg.cache_root()
+    tmp = root / "tmp"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"The wheel cache {root} cannot be created ({exc}). Pass a writable folder with "
+            f"--cache-dir DIR, or set XDG_CACHE_HOME.") from None
+    return tmp
+
+
+def _new_temp(cfg: FetchConfig, wheel: LockedWheel) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f"{wheel.sha256[:16]}-", suffix=".part", dir=_tmp_dir(cfg))
+    os.close(fd)
+    return Path(name)
+
+
+def _publish(tmp: Path, wheel: LockedWheel, cfg: FetchConfig) -> Path:
+    final = cache_path(cfg.cache_root(), wheel)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, final)  # same filesystem: atomic; a concurrent run writes identical bytes
+    return final
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
+    """Copy a local file into the cache, hashing in the same pass (so what is verified is
+    exactly what gets installed, even if the source changes afterwards)."""
+    tmp = _new_temp(cfg, wheel)
+    try:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                while True:
+                    b = fi.read(CHUNK)
+                    if not b:
+                        break
+                    h.update(b)
+                    fo.write(b)
+                    n += len(b)
+        except FileNotFoundError:
+            raise EnvironmentProblem(
+                f"The wheel {wheel.name} is pinned to {wheel.url}, but {src} does not exist. Put the "
+                f"file there (for example with `m3fuse fetch --dest DIR` on a connected machine) or "
+                f"pass its folder with --find-links DIR.") from None
+        except OSError as exc:
+            raise EnvironmentProblem(f"Cannot read the wheel {src} ({exc}); check its permissions.") from None
+        sha = h.hexdigest()
+        if sha != wheel.sha256 or (wheel.size is not None and n != wheel.size):
+            raise IntegrityError(mismatch_message(wheel, str(src), sha, n, removed=False))
+        cfg.echo(f"{wheel.name}: read from {src}, sha256 ok")
+        return _publish(tmp, wheel, cfg)
+    finally:
+        _unlink(tmp)
+
+
+def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
+    tmp = _new_temp(cfg, wheel)
+    try:
+        sha, size = download(wheel.url, tmp, cfg, expected_size=wheel.size, label=wheel.name,
+                             expected_sha256=wheel.sha256)
+        if sha != wheel.sha256 or (wheel.size is not None and size != wheel.size):
+            raise IntegrityError(mismatch_message(wheel, wheel.url, sha, size))
+        cfg.echo(f"{wheel.name}: downloaded {size} bytes, sha256 ok")
+        return _publish(tmp, wheel, cfg)
+    finally:
+        _unlink(tmp)
+
+
+def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | None = None,
+             label: str = "", expected_sha256: str | None = None) -> tuple[str, int]:
+    """Stream `url` into `dest` (created or overwritten) while hashing it; return (sha256,
+    size). Retries with exponential backoff on connection errors, timeouts, 5xx/429 and
+    truncated bodies, resuming with a Range request when the server honours it (otherwise
+    starting over). A resumed download whose hash is wrong is tried once more from byte 0
+    before it is reported, since the server may have changed the file between attempts."""
+    import requests  # lazily: only real downloads pay for it (see module doc)
+
+    label = label or url
+    session = requests.Session()  # proxies and ~/.netrc come from requests' defaults
+    session.headers["User-Agent"] = USER_AGENT
+    h = hashlib.sha256()
+    have = 0
+    resumed = False
+    restarted_for_hash = False
+    last_error = ""
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    cfg.echo(f"{label}: downloading {url}")
+    attempt = 0
+    while True:
+        try:
+            headers = {"Accept-Encoding": "identity"}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            try:
+                resp = session.get(url, stream=True, headers=headers,
+                                   timeout=(cfg.connect_timeout, cfg.read_timeout), allow_redirects=True)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise _Retry(f"connection failed: {exc}") from None
+            with resp:
+                status = resp.status_code
+                if status >= 500 or status == 429:
+                    raise _Retry(f"HTTP {status} from the server")
+                if status == 416 and have:
+                    # The range starts at or past the end: start over rather than guess.
+                    h, have = hashlib.sha256(), 0
+                    raise _Retry("HTTP 416 on resume; starting over")
+                if status not in (200, 206):
+                    raise EnvironmentProblem(
+                        f"Downloading {label} from {url} failed with HTTP {status} ({resp.reason}). "
+                        f"Check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
+                        f"download the file elsewhere and pass its folder with --find-links DIR.")
+                mode = "ab"
+                if status == 206 and have:
+                    cr = resp.headers.get("Content-Range", "")
+                    if not cr.startswith(f"bytes {have}-"):
+                        h, have, mode = hashlib.sha256(), 0, "wb"
+                        raise _Retry(f"unexpected Content-Range {cr!r} on resume; starting over")
+                    resumed = True
+                else:
+                    # 200: the server sent the whole file (no Range support): start over.
+                    if have:
+                        cfg.echo(f"{label}: server ignored the Range request; restarting from byte 0")
+                    h, have, mode = hashlib.sha256(), 0, "wb"
+                clen = resp.headers.get("Content-Length")
+                body_len = int(clen) if clen and clen.isdigit() else None
+                total = (have + body_len) if body_len is not None else expected_size
+                bar = _Progress(label, total, show)
+                got_this = 0
+                try:
+                    with open(dest, mode) as f:
+                        for chunk in resp.iter_content(CHUNK):
+                            if not chunk:
+                                continue
+                            f.write(chunk)
+                            h.update(chunk)
+                            have += len(chunk)
+                            got_this += len(chunk)
+                            bar.update(have)
+                            if expected_size is not None and have > expected_size:
+                                break
+                except (requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError) as exc:
+                    raise _Retry(f"transfer broke after {have} bytes: {exc}") from None
+                finally:
+                    bar.close()
+                if body_len is not None and got_this < body_len:
+                    raise _Retry(f"truncated body: {got_this} of {body_len} bytes")
+                if expected_size is not None and have < expected_size and body_len is None:
+                    raise _Retry(f"truncated body: {have} of {expected_size} bytes")
+            sha = h.hexdigest()
+            if expected_sha256 and sha != expected_sha256 and resumed and not restarted_for_hash:
+                restarted_for_hash = True
+                resumed = False
+                h, have = hashlib.sha256(), 0
+                raise _Retry("hash mismatch after a resumed transfer; downloading once more from byte 0")
+            return sha, have
+        except _Retry as r:
+            last_error = str(r)
+            if attempt >= cfg.retries:
+                raise EnvironmentProblem(
+                    f"Downloading {label} from {url} failed after {attempt + 1} attempts; last error: "
+                    f"{last_error}. The partial file was deleted and nothing was installed. Check the "
+                    f"network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
+                    f"download the file elsewhere and pass its folder with --find-links DIR.") from None
+            delay = min(cfg.backoff * (2 ** attempt), cfg.backoff_max)
+            attempt += 1
+            how = f"resuming at byte {have}" if have else "from the start"
+            cfg.echo(f"{label}: {last_error}; retry {attempt}/{cfg.retries} in {delay:g}s, {how}")
+            time.sleep(delay)

@@ -1,0 +1,240 @@
+"""Checks on a verified wheel file before it may be installed, and the target's tag set.
+
+The sha256 proves the file is the pinned one; these checks prove the pin is one the fusion
+can use in *this* environment: tags fit the target interpreter, the metadata is the pinned
+distribution, the archive cannot write outside site-packages, and (amd-aiter) the AITER API
+the patched vLLM calls is really there.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import tempfile
+import zipfile
+from email.parser import HeaderParser
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
+from .errors import EnvironmentProblem, IntegrityError
+from .lock import LockedPackage, LockedWheel
+
+
+class WheelCheckError(IntegrityError):
+    """A verified wheel failed a pre-install check (exit 4: bad wheel); nothing was installed."""
+
+    kind = "bad-wheel"
+
+
+# Runs inside the *target* interpreter. pip's vendored packaging is preferred: it is exactly
+# what that pip will use to accept or refuse the wheel.
+_TAGS_SCRIPT = r"""
+import json, sys
+try:
+    from pip._vendor.packaging import tags
+except Exception:
+    from packaging import tags
+print(json.dumps({"tags": [str(t) for t in tags.sys_tags()],
+                  "version": "%d.%d.%d" % sys.version_info[:3],
+                  "executable": sys.executable}))
+"""
+
+
+def run_target(python: str, script: str, args: list[str] | None = None, timeout: float = 300) -> str:
+    """Run a snippet in the target interpreter from an empty folder (so nothing in the
+    caller's working directory shadows installed packages); return its stdout."""
+    with tempfile.TemporaryDirectory(prefix="m3fuse-probe-") as cwd:
+        try:
+            proc = subprocess.run([python, "-c", script, *(args or [])], capture_output=True, text=True,
+                                  cwd=cwd, timeout=timeout)
+        except FileNotFoundError:
+            raise EnvironmentProblem(
+                f"The target Python {python} does not exist. Pass the interpreter of the environment "
+                f"to change with --python PATH (for a venv: /path/to/venv/bin/python).") from None
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EnvironmentProblem(f"The target Python {python} could not be run ({exc}). Check the "
+                                     f"path given with --python.") from None
+    if proc.returncode != 0:
+        raise EnvironmentProblem(
+            f"The target Python {python} failed while m3fuse inspected it (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-1500:]} Check that it is a working Python with pip installed.")
+    return proc.stdout
+
+
+@lru_cache(maxsize=None)
+def target_tags(python: str) -> tuple[str, ...]:
+    """The target interpreter's supported tags, most preferred first."""
+    out = run_target(python, _TAGS_SCRIPT, timeout=60)
+    try:
+        return tuple(json.loads(out.strip().splitlines()[-1])["tags"])
+    except (ValueError, KeyError, IndexError):
+        raise EnvironmentProblem(f"The target Python {python} printed no tag list; got {out[-300:]!r}.") from None
+
+
+def select_wheel(pkg: LockedPackage, tags: tuple[str, ...], lock_path: Path, python: str) -> LockedWheel:
+    """The pinned wheel of `pkg` the target supports best (lowest tag priority index)."""
+    rank = {t: i for i, t in enumerate(tags)}
+    best: tuple[int, LockedWheel] | None = None
+    for w in pkg.wheels:
+        score = min((rank[t] for t in w.tags if t in rank), default=None)
+        if score is not None and (best is None or score < best[0]):
+            best = (score, w)
+    if best is None:
+        offered = ", ".join(sorted({t for w in pkg.wheels for t in w.tags}))
+        raise EnvironmentProblem(
+            f"No wheel pinned for {pkg.name} {pkg.version} in {lock_path} fits the target Python "
+            f"{python} (its best tag is {tags[0] if tags else 'unknown'}; the lock offers {offered}). "
+            f"Point --python at an interpreter the pinned build was made for (for the shipped lock: "
+            f"CPython 3.12 on x86_64 Linux), or pin a matching wheel with `m3fuse lock add`.")
+    return best[1]
+
+
+# ------------------------------------------------------------------------- file checks
+
+
+def _fail(path: Path, check: str, detail: str, why: str) -> WheelCheckError:
+    return WheelCheckError(f"The wheel {path.name} ({path}) failed the {check} check: {detail}. {why} "
+                           f"Nothing was installed.")
+
+
+def check_tags(path: Path, tags: tuple[str, ...], python: str) -> None:
+    try:
+        _, _, _, wtags = parse_wheel_filename(path.name)
+    except InvalidWheelFilename as exc:
+        raise _fail(path, "file name", str(exc), "pip could not install it.") from None
+    if not {str(t) for t in wtags} & set(tags):
+        raise _fail(path, "tag", f"its tags {sorted(str(t) for t in wtags)} do not fit the target Python "
+                    f"{python} (best tag {tags[0] if tags else 'unknown'})",
+                    "Its compiled parts would not load there; use the target interpreter the lock was "
+                    "made for with --python.")
+
+
+def dist_info_dir(zf: zipfile.ZipFile, path: Path) -> str:
+    tops = {n.split("/", 1)[0] for n in zf.namelist()}
+    infos = sorted(t for t in tops if t.endswith(".dist-info"))
+    if len(infos) != 1:
+        raise _fail(path, "metadata", f"it has {len(infos)} top-level .dist-info folders ({infos})",
+                    "A wheel has exactly one; this one is malformed.")
+    return infos[0]
+
+
+def read_metadata(path: Path) -> tuple[str, str]:
+    """(Name, Version) from the wheel's *.dist-info/METADATA."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = dist_info_dir(zf, path)
+            try:
+                raw = zf.read(f"{info}/METADATA").decode("utf-8", "replace")
+            except KeyError:
+                raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
+    except zipfile.BadZipFile as exc:
+        raise _fail(path, "archive", f"it is not a zip archive ({exc})", "It cannot be a wheel.") from None
+    msg = HeaderParser().parsestr(raw)
+    name, version = msg.get("Name"), msg.get("Version")
+    if not name or not version:
+        raise _fail(path, "metadata", "METADATA has no Name or no Version", "A wheel without them is malformed.")
+    return name.strip(), version.strip()
+
+
+def check_metadata(path: Path, pkg: LockedPackage) -> None:
+    name, version = read_metadata(path)
+    try:
+        same_version = Version(version) == Version(pkg.version)
+    except InvalidVersion:
+        same_version = False
+    if canonicalize_name(name) != pkg.key or not same_version:
+        raise _fail(path, "metadata", f"its METADATA says {name} {version}, the lock pins {pkg.name} {pkg.version}",
+                    "The file name and the hash were right, so the pin itself points at another build; "
+                    "re-pin it with `m3fuse lock add`.")
+
+
+def unsafe_member(name: str) -> str | None:
+    """Why an archive member path is unsafe to extract into site-packages, or None."""
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if name.startswith("/") or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
+        return "is absolute"
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
+        return "contains '..'"
+    return None
+
+
+def check_members(path: Path) -> None:
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            why = unsafe_member(info.filename)
+            if why is None and (info.external_attr >> 16) & 0o170000 == 0o120000:
+                why = "is a symbolic link"
+            if why:
+                raise _fail(path, "archive path", f"member {info.filename!r} {why}",
+                            "Installing it could write outside the environment's site-packages.")
+
+
+# ------------------------------------------------------------------ content checks (aiter)
+
+AITER_CAR = "aiter/dist/device_communicators/custom_all_reduce.py"
+
+
+def _param_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    a = fn.args
+    names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+    return names
+
+
+def aiter_problems(source: str) -> list[str]:
+    """What the AITER source lacks that the fusion needs; empty when it is usable."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        return [f"{AITER_CAR} does not parse ({exc})"]
+    cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CustomAllreduce"), None)
+    if cls is None:
+        return [f"{AITER_CAR} defines no class CustomAllreduce"]
+    problems = []
+    fn = next((n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and n.name == "fused_ar_rms"), None)
+    if fn is None:
+        problems.append("CustomAllreduce has no fused_ar_rms method (the fused all-reduce + RMSNorm "
+                        "kernel the patched vLLM calls)")
+    elif "use_1stage" not in _param_names(fn):
+        problems.append("CustomAllreduce.fused_ar_rms takes no use_1stage parameter: the fusion must "
+                        "force the two-stage kernel (use_1stage=False), the only one safe under HIP "
+                        "graph replay in this AITER line")
+    uses_pool = any(isinstance(n, ast.Attribute) and n.attr == "_pool" for n in ast.walk(cls))
+    if not uses_pool:
+        problems.append("CustomAllreduce does not use the _pool IPC buffer pool (AITER >= 0.1.12): older "
+                        "builds only all-reduce hidden sizes 512-4096 and cannot handle M3's 6144")
+    return problems
+
+
+def check_aiter(path: Path) -> None:
+    with zipfile.ZipFile(path) as zf:
+        try:
+            src = zf.read(AITER_CAR).decode("utf-8")
+        except KeyError:
+            raise _fail(path, "AITER API", f"it has no {AITER_CAR}",
+                        "The fusion calls CustomAllreduce.fused_ar_rms from that module.") from None
+    problems = aiter_problems(src)
+    if problems:
+        raise _fail(path, "AITER API", "; ".join(problems),
+                    "Installing it would leave the patched vLLM calling an AITER that cannot run the "
+                    "fusion; pin AITER >= 0.1.12 with use_1stage (the shipped lock pins 0.1.15.post1).")
+
+
+CONTENT_CHECKS: dict[str, Callable[[Path], None]] = {"amd-aiter": check_aiter}
+
+
+def check_wheel(path: Path, pkg: LockedPackage, tags: tuple[str, ...], python: str) -> None:
+    """All pre-install checks on one verified wheel file; raises WheelCheckError."""
+    check_tags(path, tags, python)
+    check_members(path)
+    check_metadata(path, pkg)
+    extra = CONTENT_CHECKS.get(pkg.key)
+    if extra:
+        extra(path)
