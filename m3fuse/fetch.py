@@ -26,7 +26,9 @@ from urllib.request import url2pathname
 from .errors import EnvironmentProblem, IntegrityError
 from .lock import LockedWheel
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # local reads and hashing
+NET_CHUNK = 1 << 16  # network reads: a read cut short by a dropped connection loses its whole
+# chunk (urllib3 raises instead of returning the partial read), so keep it small for resume
 USER_AGENT = "m3fuse (wheel fetch)"
 
 
@@ -313,7 +315,7 @@ def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | Non
                 got_this = 0
                 try:
                     with open(dest, mode) as f:
-                        for chunk in resp.iter_content(CHUNK):
+                        for chunk in resp.iter_content(NET_CHUNK):
                             if not chunk:
                                 continue
                             f.write(chunk)
