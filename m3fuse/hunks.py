@@ -50,6 +50,9 @@ def parse_diff(patch_text: str, *, name: str = "") -> FileDiff:
     if "\x00" in patch_text:
         raise PatchSetError(f"{label} contains NUL bytes: it is binary, not a unified diff. "
                             f"Replace it with the text diff of the patch set.")
+    if not patch_text.strip():
+        raise PatchSetError(f"{label} is empty: no diff header and no hunks, so it was truncated or "
+                            f"never written. Restore the patch file from the m3fuse release.")
     try:
         parsed = _UnidiffPatchSet(patch_text)
     except UnidiffParseError as exc:
