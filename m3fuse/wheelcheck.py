@@ -125,15 +125,12 @@ def dist_info_dir(zf: zipfile.ZipFile, path: Path) -> str:
 
 def read_metadata(path: Path) -> tuple[str, str]:
     """(Name, Version) from the wheel's *.dist-info/METADATA."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = dist_info_dir(zf, path)
-            try:
-                raw = zf.read(f"{info}/METADATA").decode("utf-8", "replace")
-            except KeyError:
-                raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
-    except zipfile.BadZipFile as exc:
-        raise _fail(path, "archive", f"it is not a zip archive ({exc})", "It cannot be a wheel.") from None
+    with _open_zip(path) as zf:
+        info = dist_info_dir(zf, path)
+        try:
+            raw = zf.read(f"{info}/METADATA").decode("utf-8", "replace")
+        except KeyError:
+            raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
     msg = HeaderParser().parsestr(raw)
     name, version = msg.get("Name"), msg.get("Version")
     if not name or not version:
@@ -165,8 +162,15 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise _fail(path, "archive", f"it is not a zip archive ({exc})", "It cannot be a wheel.") from None
+
+
 def check_members(path: Path) -> None:
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         for info in zf.infolist():
             why = unsafe_member(info.filename)
             if why is None and (info.external_attr >> 16) & 0o170000 == 0o120000:
@@ -214,7 +218,7 @@ def aiter_problems(source: str) -> list[str]:
 
 
 def check_aiter(path: Path) -> None:
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         try:
             src = zf.read(AITER_CAR).decode("utf-8")
         except KeyError:
