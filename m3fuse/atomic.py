@@ -48,10 +48,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that any reader, or a crash at any instant, sees either the old
-    file or the new one whole. A new inode also breaks hard links that some installers use to
-    share one file between environments, so another environment is never edited through us."""
+def stage(path: Path, data: bytes) -> Path:
+    """Write `data` to a fresh temp file beside `path` with `path`'s mode and owner, fsynced.
+    Nothing visible changes; on any error the temp file is removed and the error raised."""
     st = os.stat(path)
     tmp = temp_name(path)
     _checkpoint(f"tmp-create {path.name}")
@@ -71,18 +70,79 @@ def replace_file(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _checkpoint(f"bytecode-1 {path.name}")
-        remove_bytecode(path)
-        _checkpoint(f"replace {path.name}")
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
-    _checkpoint(f"fsync-dir {path.name}")
-    _fsync_dir(path.parent)
-    # An import between the first removal and the rename may have cached the old text again.
-    _checkpoint(f"bytecode-2 {path.name}")
-    remove_bytecode(path)
+    return tmp
+
+
+def discard(tmp: Path) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+class WriteFailed(Exception):
+    """A write of `replace_files` failed; `replaced` lists the files already renamed into place
+    (empty when the failure came while staging, i.e. nothing visible changed)."""
+
+    def __init__(self, path: Path, cause: OSError, replaced: list[Path]) -> None:
+        super().__init__(f"{path}: {cause.strerror or cause}")
+        self.path = path
+        self.cause = cause
+        self.replaced = replaced
+
+
+def replace_files(items: list[tuple[Path, bytes]]) -> None:
+    """Replace several files as close to one step as a POSIX file system allows.
+
+    Phase 1 stages every new file (all the writing, hence every ENOSPC, EDQUOT or EIO, happens
+    here); if any staging fails, the staged ones are removed and nothing visible has changed.
+    Phase 2 drops the bytecode of every target, then only renames, which needs no space. A
+    crash during phase 2 leaves each file old or new whole (the "partial" state the engine
+    finishes); a crash during phase 1 leaves only temp files, which the next run removes.
+    Raises WriteFailed for an OSError.
+    """
+    staged: list[tuple[Path, Path]] = []
+    replaced: list[Path] = []
+    current = items[0][0] if items else Path()
+    try:
+        for path, data in items:
+            current = path
+            staged.append((path, stage(path, data)))
+        for path, _ in staged:
+            current = path
+            _checkpoint(f"bytecode-1 {path.name}")
+            remove_bytecode(path)
+        for path, tmp in staged:
+            current = path
+            _checkpoint(f"replace {path.name}")
+            os.replace(tmp, path)
+            replaced.append(path)
+    except BaseException as exc:
+        for path, tmp in staged:
+            if path not in replaced:
+                discard(tmp)
+        if isinstance(exc, OSError):
+            raise WriteFailed(current, exc, replaced) from exc
+        raise
+    try:
+        for directory in sorted({p.parent for p, _ in staged}):
+            _checkpoint(f"fsync-dir {directory.name}")
+            _fsync_dir(directory)
+        # An import between the first removal and the rename may have cached the old text again.
+        for path, _ in staged:
+            current = path
+            _checkpoint(f"bytecode-2 {path.name}")
+            remove_bytecode(path)
+    except OSError as exc:
+        raise WriteFailed(current, exc, replaced) from exc
+    _checkpoint("done")
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that any reader, or a crash at any instant, sees either the old
+    file or the new one whole. A new inode also breaks hard links that some installers use to
+    share one file between environments, so another environment is never edited through us."""
+    replace_files([(path, data)])

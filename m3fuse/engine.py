@@ -219,11 +219,20 @@ def clean_leftovers(tree: TreeState) -> list[Path]:
 
 
 def execute(changes: list[Change]) -> None:
-    for c in changes:
-        try:
-            atomic.replace_file(c.file.path, c.new_data)
-        except OSError as exc:
+    """Write every change: all new files are staged first, then renamed into place."""
+    if not changes:
+        return
+    try:
+        atomic.replace_files([(c.file.path, c.new_data) for c in changes])
+    except atomic.WriteFailed as exc:
+        why = exc.cause.strerror or str(exc.cause)
+        if not exc.replaced:
             raise EnvironmentProblem(
-                f"{c.file.path}: writing it failed ({exc.strerror or exc}). Files already written are "
-                f"complete and the rest untouched: every file is pristine or patched. Fix the cause "
-                f"and run the same command again to finish.") from exc
+                f"{exc.path}: writing it failed ({why}). Nothing was changed: every new file is "
+                f"written beside its target before any is put in place, and those temp files were "
+                f"removed. Fix the cause and run the same command again.") from exc
+        done = ", ".join(c.file.target.path for c in changes if c.file.path in exc.replaced)
+        raise EnvironmentProblem(
+            f"{exc.path}: replacing it failed ({why}) after {done} had been replaced. Every file is "
+            f"whole (pristine or patched) and `m3fuse verify` reports the tree as partial. Fix the "
+            f"cause and run the same command again to finish.") from exc
