@@ -193,15 +193,62 @@ def plan(tree: TreeState, goal: str) -> list[Change]:
     return changes
 
 
+_FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
+_FS_IMMUTABLE_FL, _FS_APPEND_FL = 0x10, 0x20
+
+
+def _locked_flags(path: Path) -> str | None:
+    """'immutable' / 'append-only' when the file system flags forbid replacing `path` (even for
+    root), else None. Unknown (non-Linux, unsupported file system): None."""
+    import fcntl
+    import struct
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        buf = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0))
+        flags = struct.unpack("l", buf)[0]
+    except (OSError, OverflowError):
+        return None
+    finally:
+        os.close(fd)
+    if flags & _FS_IMMUTABLE_FL:
+        return "immutable"
+    if flags & _FS_APPEND_FL:
+        return "append-only"
+    return None
+
+
 def _preflight(changes: list[Change]) -> None:
+    """Refuse, before anything is written, a change that could not be completed: a directory
+    this user cannot write (permissions, read-only mount) or a file the file system locks."""
     for c in changes:
         d = c.file.path.parent
-        for where in (d, d / "__pycache__"):
+        pycache = d / "__pycache__"
+        for where in (d, pycache):
             if where.exists() and not os.access(where, os.W_OK | os.X_OK):
                 raise EnvironmentProblem(
-                    f"{where}: not writable by this user (uid {os.getuid()}), so {c.file.path.name} cannot "
-                    f"be replaced. Nothing was changed. Run m3fuse as the owner of the vLLM install "
-                    f"(in a container build, as root) or make the tree writable.")
+                    f"{where}: not writable by this user (uid {os.getuid()}){_ro_hint(where)}, so "
+                    f"{c.file.path.name} cannot be replaced. Nothing was changed. Run m3fuse as the owner "
+                    f"of the vLLM install (in a container build, as root) or make the tree writable.")
+        from .fingerprint import bytecode_files
+
+        for where in (c.file.path, d, *bytecode_files(c.file.path)):
+            flag = _locked_flags(where)
+            if flag:
+                raise EnvironmentProblem(
+                    f"{where}: the file system marks it {flag} (chattr), so {c.file.path.name} cannot be "
+                    f"replaced, not even by root. Nothing was changed. Clear the flag (chattr -i / -a) "
+                    f"or leave this tree alone.")
+
+
+def _ro_hint(where: Path) -> str:
+    try:
+        return "; the file system is mounted read-only" if os.statvfs(where).f_flag & os.ST_RDONLY else ""
+    except OSError:
+        return ""
 
 
 def clean_leftovers(tree: TreeState) -> list[Path]:
