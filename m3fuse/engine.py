@@ -134,6 +134,13 @@ def _describe_files(tree: TreeState) -> str:
 
 def refuse_unless_known(tree: TreeState) -> None:
     """Raise the drift / unsupported error for a tree no set recognises."""
+    odd = [f for f in tree.files if f.state == NOT_A_FILE]
+    if tree.state in (DRIFTED, UNSUPPORTED) and odd:
+        raise EnvironmentProblem(
+            f"{odd[0].path}: not a regular file (a directory or a device sits where the "
+            f"{tree.patch_set.name} set expects a source file of vLLM). Nothing was changed. Something "
+            f"other than pip has rearranged this install; reinstall vLLM "
+            f"(pip install --force-reinstall --no-deps vllm=={tree.vllm.version or 'X'}) and run m3fuse again.")
     version = tree.vllm.version or "unknown (no vllm dist-info)"
     supported = ", ".join(f"{s.name} (vLLM {', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
     if tree.state == DRIFTED:
