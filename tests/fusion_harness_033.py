@@ -97,6 +97,7 @@ class FakeAiterCA:
     tp: SimTP
     fully_connected: bool = True
     calls: list[dict] = field(default_factory=list)
+    disabled: bool = False
     _pool: dict = field(default_factory=dict)  # present from AITER 0.1.12 on
 
     @property
@@ -192,7 +193,9 @@ class Stage:
 
     tp: SimTP
     rocm: bool = True
-    aiter_enabled: bool = True
+    aiter_enabled: bool = True  # VLLM_ROCM_USE_AITER
+    aiter_custom_ar_env: bool = True  # VLLM_ROCM_USE_AITER_CUSTOM_AR
+    custom_all_reduce: bool = True  # not --disable-custom-all-reduce
     wrappers: list[Any] | None = None  # per rank, or None (no aiter_ar_comm)
     capturing: bool = False
     upstream_op_calls: list[dict] = field(default_factory=list)
@@ -215,8 +218,13 @@ class Stage:
 
         class _RocmAiterOps:
             @staticmethod
-            def is_custom_all_reduce_enabled():
+            def is_enabled():
                 return st.aiter_enabled
+
+            @staticmethod
+            def is_custom_all_reduce_enabled():
+                # if_aiter_supported: None off-platform
+                return (st.aiter_enabled and st.aiter_custom_ar_env) if st.rocm else None
 
             @staticmethod
             def get_aiter_allreduce():
@@ -242,13 +250,15 @@ class Stage:
                 "vllm.distributed.parallel_state",
                 get_tensor_model_parallel_rank=lambda: tp.rank,
                 get_tensor_model_parallel_world_size=lambda: tp.world,
-                get_tp_group=lambda: types.SimpleNamespace(cpu_group=None, device_communicator=None)),
+                get_tp_group=lambda: types.SimpleNamespace(cpu_group=None, device_communicator=None),
+                _ENABLE_CUSTOM_ALL_REDUCE=self.custom_all_reduce),
             "vllm.model_executor": mod("vllm.model_executor"),
             "vllm.model_executor.layers": mod("vllm.model_executor.layers"),
             "vllm.model_executor.layers.layernorm": mod(
                 "vllm.model_executor.layers.layernorm", GemmaRMSNorm=OtherGemmaNorm),
             "vllm.platforms": mod("vllm.platforms", current_platform=_Platform()),
             "vllm._aiter_ops": mod("vllm._aiter_ops", rocm_aiter_ops=_RocmAiterOps()),
+            "vllm.config": mod("vllm.config", get_current_vllm_config=lambda: None),
         }
 
 
@@ -261,7 +271,9 @@ class staged:
 
     def __enter__(self) -> Stage:
         self._saved = {k: sys.modules.get(k) for k in self.stage.modules()}
-        sys.modules.update(self.stage.modules())
+        mods = self.stage.modules()
+        mods["vllm.distributed"].parallel_state = mods["vllm.distributed.parallel_state"]
+        sys.modules.update(mods)
         self._cap = torch.cuda.is_current_stream_capturing
         torch.cuda.is_current_stream_capturing = lambda: self.stage.capturing
         return self.stage
