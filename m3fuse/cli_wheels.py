@@ -1,0 +1,150 @@
+"""`m3fuse fetch` and `m3fuse lock add|check`: thin click wrappers over wheels/fetch/lock.
+
+Failures are raised as M3fuseError subclasses; the main group maps them to exit codes.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .errors import EnvironmentProblem, IntegrityError, UsageProblem
+from .lock import LockedWheel, add_wheel, load_lock, url_problem
+from .resources import default_lock
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+_lock_option = click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False),
+                            default=None, help="Wheel lock to use (default: the shipped wheels.lock).")
+_cache_option = click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                             help="Download cache (default: $XDG_CACHE_HOME/m3fuse).")
+
+
+@click.command("fetch")
+@click.option("--dest", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder to place the verified wheels in (use it later with --find-links).")
+@_lock_option
+@_cache_option
+@click.option("--find-links", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder of wheel files to take pinned wheels from (still hash-checked). Repeatable.")
+@click.option("--python", "python", default=None,
+              help="Target interpreter whose tags choose the wheel (default: this Python).")
+@click.option("--all", "all_wheels", is_flag=True,
+              help="Fetch every wheel in the lock, whatever the target interpreter.")
+def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, find_links: tuple[Path, ...],
+                  python: str | None, all_wheels: bool) -> None:
+    """Download and verify the pinned wheels into DEST without installing anything
+    (for air-gapped machines and multi-stage container builds)."""
+    from .wheels import WheelOptions, fetch_only
+
+    opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
+                        python=python or sys.executable, all_wheels=all_wheels)
+    for p in fetch_only(opts, dest, echo=_echo):
+        click.echo(str(p))
+
+
+@click.group("lock")
+def lock_group() -> None:
+    """Maintain the wheel lock (wheels.lock)."""
+
+
+@lock_group.command("add")
+@click.argument("source")
+@_lock_option
+@_cache_option
+@click.option("--url", "record_url", default=None,
+              help="URL to record for a local FILE (default: its file:// URL).")
+def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record_url: str | None) -> None:
+    """Pin the wheel at SOURCE (a URL or a local file): compute its sha256 and size, read its
+    name and version from its metadata, and add or update the entry in the lock."""
+    from .fetch import FetchConfig, download, hash_file
+    from .lock import url_filename
+    from .wheelcheck import check_members, read_metadata
+
+    lock_path = lock_path or default_lock()
+    local = Path(source)
+    with tempfile.TemporaryDirectory(prefix="m3fuse-lock-") as d:
+        if "://" not in source:
+            if not local.is_file():
+                raise UsageProblem(f"{source} is neither a URL nor an existing wheel file. Pass an https:// or "
+                                   f"file:// URL, or the path of a .whl file.")
+            path = local.resolve()
+            url = record_url or path.as_uri()
+            fname = path.name
+            sha, size = hash_file(path)
+        else:
+            if record_url:
+                raise UsageProblem("--url only applies to a local FILE; for a URL SOURCE the URL itself is recorded.")
+            url = source
+            problem = url_problem(url)
+            if problem:
+                raise UsageProblem(f"Refusing to pin {url}: {problem}.")
+            fname = url_filename(url)
+            path = Path(d) / fname
+            if url.lower().startswith("file:"):
+                from urllib.parse import urlsplit
+                from urllib.request import url2pathname
+
+                path = Path(url2pathname(urlsplit(url).path))
+                sha, size = hash_file(path)
+            else:
+                sha, size = download(url, path, FetchConfig(cache_dir=cache_dir, echo=_echo), label=fname)
+        if not fname.endswith(".whl"):
+            raise UsageProblem(f"{source} does not name a .whl file ({fname!r}).")
+        check_members(path)
+        name, version = read_metadata(path)
+    action = add_wheel(lock_path, name, version, LockedWheel(fname, url, sha, size))
+    click.echo(f"{action}: {name} {version} {fname} sha256={sha} size={size} in {lock_path}")
+
+
+@lock_group.command("check")
+@_lock_option
+@_cache_option
+@click.option("--write-sizes", is_flag=True, help="Record the verified size of wheels the lock gives none for.")
+def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool) -> None:
+    """Download every pinned wheel again (bypassing the cache) and confirm hash and size."""
+    from .fetch import FetchConfig, download, hash_file, local_source, mismatch_message
+    from .lock import set_size
+
+    lock_path = lock_path or default_lock()
+    lock = load_lock(lock_path)
+    cfg = FetchConfig(cache_dir=cache_dir, echo=_echo)
+    bad: list[str] = []
+    unreachable: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="m3fuse-check-") as d:
+        for p in lock.packages:
+            for w in p.wheels:
+                tmp = Path(d) / w.name
+                try:
+                    src = local_source(w, FetchConfig())  # file:// pins are read in place
+                    if src is not None:
+                        if not src.is_file():
+                            raise EnvironmentProblem(f"{src} does not exist")
+                        sha, size = hash_file(src)
+                    else:
+                        sha, size = download(w.url, tmp, cfg, label=w.name, expected_size=w.size)
+                except EnvironmentProblem as exc:
+                    unreachable.append(f"{w.name}: {exc.message}")
+                    click.echo(f"UNREACHABLE {w.name}")
+                    continue
+                finally:
+                    tmp.unlink(missing_ok=True)
+                if sha != w.sha256 or (w.size is not None and size != w.size):
+                    bad.append(mismatch_message(w, w.url, sha, size))
+                    click.echo(f"MISMATCH {w.name}")
+                    continue
+                click.echo(f"ok {w.name} sha256={sha} size={size}")
+                if w.size is None and write_sizes:
+                    set_size(lock_path, w.name, size)
+                    click.echo(f"  recorded size {size} in {lock_path}")
+    if bad:
+        raise IntegrityError(" ".join(bad))
+    if unreachable:
+        raise EnvironmentProblem(f"{len(unreachable)} pinned wheel(s) of {lock_path} could not be checked: "
+                                 + " ".join(unreachable))
