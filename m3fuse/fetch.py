@@ -175,6 +175,9 @@ def obtain(wheel: LockedWheel, cfg: FetchConfig, *, allow_network: bool = True) 
     return _download_verified(wheel, cfg)
 
 
+STALE_PART_S = 24 * 3600
+
+
 def _tmp_dir(cfg: FetchConfig) -> Path:
     root = cfg.cache_root()
     tmp = root / "tmp"
@@ -184,6 +187,15 @@ def _tmp_dir(cfg: FetchConfig) -> Path:
         raise EnvironmentProblem(
             f"The wheel cache {root} cannot be created ({exc}). Pass a writable folder with "
             f"--cache-dir DIR, or set XDG_CACHE_HOME.") from None
+    # A killed run cannot clean up after itself; its partial files are dropped a day later
+    # (never sooner: another m3fuse may still be writing one).
+    now = time.time()
+    for p in tmp.glob("*.part"):
+        try:
+            if now - p.stat().st_mtime > STALE_PART_S:
+                p.unlink()
+        except OSError:
+            pass
     return tmp
 
 

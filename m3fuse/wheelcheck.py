@@ -234,9 +234,11 @@ def check_aiter(path: Path) -> None:
 CONTENT_CHECKS: dict[str, Callable[[Path], None]] = {"amd-aiter": check_aiter}
 
 
-def check_wheel(path: Path, pkg: LockedPackage, tags: tuple[str, ...], python: str) -> None:
-    """All pre-install checks on one verified wheel file; raises WheelCheckError."""
-    check_tags(path, tags, python)
+def check_wheel(path: Path, pkg: LockedPackage, tags: tuple[str, ...] | None, python: str) -> None:
+    """All pre-install checks on one verified wheel file; raises WheelCheckError. With tags
+    None (fetching for another machine) the tag check is left to install time."""
+    if tags is not None:
+        check_tags(path, tags, python)
     check_members(path)
     check_metadata(path, pkg)
     extra = CONTENT_CHECKS.get(pkg.key)

@@ -65,25 +65,27 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     if not lock.packages:
         echo(f"{lock.path} pins no wheels; nothing to install")
         return []
-    tags, plan = _plan(lock, opts.python)
+    tags = target_tags(opts.python)
     names = [p.name for p in lock.packages]
     before = probe(opts.python, names + [GUARDED], record=names)
     cfg = opts.fetch_config(echo)
 
     results: list[dict] = []
     todo: list[tuple[LockedPackage, LockedWheel, Path | None, dict]] = []
-    for pkg, wheel in plan:
+    for pkg in lock.packages:
         info = before.get(pkg.name)
-        res = {"name": pkg.name, "version": pkg.version, "action": "", "file": None,
-               "sha256": wheel.sha256, "url": wheel.url,
-               "installed_before": info["version"] if info else None}
+        res = {"name": pkg.name, "version": pkg.version, "action": "", "file": None, "sha256": None,
+               "url": None, "installed_before": info["version"] if info else None}
         results.append(res)
         if not opts.force_reinstall and state_of(info, pkg.version) == "ok":
+            # Intact at the pin: no wheel is needed, not even one that fits the tags.
             res["action"] = "already-installed"
             echo(f"{pkg.name} {pkg.version}: already installed, RECORD intact")
             continue
-        if info and info["problems"] and state_of(info, pkg.version) == "record-mismatch":
+        if state_of(info, pkg.version) == "record-mismatch":
             echo(f"{pkg.name} {pkg.version}: installed but {len(info['problems'])} file(s) differ from RECORD; reinstalling")
+        wheel = select_wheel(pkg, tags, lock.path, opts.python)
+        res["sha256"], res["url"] = wheel.sha256, wheel.url
         todo.append((pkg, wheel, None, res))
 
     # 1. Fetch and verify everything first (a failure here raises before any install).
@@ -153,8 +155,7 @@ def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _qu
     paths = [(p, w, obtain(w, cfg)) for p, w in chosen]
     for p, w, path in paths:
         assert path is not None
-        if tags is not None:
-            check_wheel(path, p, tags, opts.python)
+        check_wheel(path, p, tags, opts.python)  # tags None (--all): every check but the tag one
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)

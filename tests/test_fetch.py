@@ -222,3 +222,16 @@ def test_cached_install_path_does_not_import_requests(tmp_path, payload):
         "print('requests' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_stale_partial_files_are_dropped(tmp_path, payload):
+    cfg = cfg_for(tmp_path)
+    tmp = cfg.cache_root() / "tmp"
+    tmp.mkdir(parents=True)
+    old, fresh = tmp / "old.part", tmp / "fresh.part"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    with FaultServer() as srv:
+        obtain(pin(payload, srv.add(NAME, payload)), cfg)
+    assert not old.exists() and fresh.exists()  # a fresh one may belong to a running m3fuse

@@ -304,3 +304,25 @@ def test_real_old_aiter_refused_through_install(tmp_path, venv, server, wheels_d
         install_pinned(opts(lock, tmp_path, venv, read_timeout=10), echo=lambda s: None)
     assert "use_1stage" in ei.value.message and "_pool" in ei.value.message and old.name in ei.value.message
     assert states(lock, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
+
+
+def test_no_fitting_wheel(tmp_path, venv, server, wheels_dir):
+    # Pinned only for another interpreter: refused before any download (exit 5) ...
+    other = build_wheel(tmp_path / "w", "demo-fly", "0.1.9.dev1+abc", tag="cp27-cp27mu-manylinux1_x86_64")
+    lock = tmp_path / "other.lock"
+    lock.write_text(lock_text([("demo-fly", "0.1.9.dev1+abc", [(other, server.add(other.name, other.read_bytes()))])]))
+    with pytest.raises(EnvironmentProblem, match="No wheel pinned for demo-fly") as ei:
+        install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert ei.value.exit_code == EXIT_ENVIRONMENT and server.log == []
+    # ... unless the pinned version is already installed intact: then no wheel is needed.
+    pip(venv, "install", "--no-deps", "--no-index", str(wheels_dir["fly"]))
+    res = install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert res[0]["action"] == "already-installed"
+    # `fetch --all` takes every wheel of the lock, whatever the interpreter.
+    r = CliRunner().invoke(fetch_command, ["--dest", str(tmp_path / "d"), "--lock", str(lock), "--all",
+                                           "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / other.name).is_file()
+    r = CliRunner().invoke(fetch_command, ["--dest", str(tmp_path / "d2"), "--lock", str(lock),
+                                           "--cache-dir", str(tmp_path / "c"), "--python", venv])
+    assert isinstance(r.exception, EnvironmentProblem)
