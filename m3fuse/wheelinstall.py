@@ -27,9 +27,15 @@ names = json.loads(sys.argv[1])
 check = set(json.loads(sys.argv[2]))
 out = {}
 for name in names:
-    try:
-        dist = md.distribution(name)
-    except md.PackageNotFoundError:
+    dist = None
+    # Older importlib.metadata does not normalise names: try the dist-info spelling too.
+    for cand in (name, name.replace("-", "_"), name.replace("_", "-")):
+        try:
+            dist = md.distribution(cand)
+            break
+        except md.PackageNotFoundError:
+            pass
+    if dist is None:
         out[name] = None
         continue
     info = {"version": dist.version, "problems": [], "files": 0}
