@@ -326,3 +326,25 @@ def test_no_fitting_wheel(tmp_path, venv, server, wheels_dir):
     r = CliRunner().invoke(fetch_command, ["--dest", str(tmp_path / "d2"), "--lock", str(lock),
                                            "--cache-dir", str(tmp_path / "c"), "--python", venv])
     assert isinstance(r.exception, EnvironmentProblem)
+
+
+def test_real_cli_install_no_patches_from_loopback(tmp_path, venv, server, wheels_dir, cli):
+    """`m3fuse install --no-patches` with a test lock, as a user runs it (exit codes included)."""
+    import json
+
+    bad = make_lock(tmp_path, server, wheels_dir["fly"], wheels_dir["aiter"], {"aiter": ["wrong"]})
+    base = ["install", "--no-patches", "--lock", str(bad), "--python", venv, "--cache-dir", str(tmp_path / "cache")]
+    r = cli(*base)
+    assert r.returncode == EXIT_INTEGRITY, r.stdout + r.stderr
+    assert "expected sha256" in r.stdout + r.stderr
+    assert states(bad, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
+    assert cache_is_clean(tmp_path / "cache") == []
+    r = cli(*base, "--json")  # the server now serves the right bytes
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert [(w["name"], w["action"]) for w in out["wheels"]] == [("demo-fly", "installed"), ("amd-aiter", "installed")]
+    assert states(bad, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}
+    r = cli("lock", "check", "--lock", str(bad))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # (Exit codes of failing `fetch` / `lock` commands are mapped centrally in cli.py; their
+    # errors are checked above through CliRunner as the raised M3fuseError.)
