@@ -23,6 +23,11 @@ from typing import Callable
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 from .errors import EnvironmentProblem, IntegrityError
 from .lock import LockedWheel
 
@@ -176,6 +181,25 @@ def obtain(wheel: LockedWheel, cfg: FetchConfig, *, allow_network: bool = True) 
 
 
 STALE_PART_S = 24 * 3600
+# Each partial download is flock'ed by the run writing it, for as long as it exists. The
+# kernel drops the lock when that run ends, killed or not, so any .part nobody holds is a
+# leftover and is removed at once; STALE_PART_S remains as a fallback where flock is absent.
+_HELD: dict[str, int] = {}
+
+
+def _writer_alive(p: Path) -> bool:
+    """True if another process holds the flock of this partial download (it is writing it)."""
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return False
 
 
 def _tmp_dir(cfg: FetchConfig) -> Path:
@@ -187,12 +211,16 @@ def _tmp_dir(cfg: FetchConfig) -> Path:
         raise EnvironmentProblem(
             f"The wheel cache {root} cannot be created ({exc}). Pass a writable folder with "
             f"--cache-dir DIR, or set XDG_CACHE_HOME.") from None
-    # A killed run cannot clean up after itself; its partial files are dropped a day later
-    # (never sooner: another m3fuse may still be writing one).
+    # A killed run cannot clean up after itself: drop every partial file no live run holds.
     now = time.time()
     for p in tmp.glob("*.part"):
+        if str(p) in _HELD:
+            continue
         try:
-            if now - p.stat().st_mtime > STALE_PART_S:
+            if fcntl is not None:
+                if not _writer_alive(p):
+                    p.unlink()
+            elif now - p.stat().st_mtime > STALE_PART_S:
                 p.unlink()
         except OSError:
             pass
@@ -201,8 +229,18 @@ def _tmp_dir(cfg: FetchConfig) -> Path:
 
 def _new_temp(cfg: FetchConfig, wheel: LockedWheel) -> Path:
     fd, name = tempfile.mkstemp(prefix=f"{wheel.sha256[:16]}-", suffix=".part", dir=_tmp_dir(cfg))
-    os.close(fd)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when this run ends, however it ends
+        _HELD[name] = fd
+    else:
+        os.close(fd)
     return Path(name)
+
+
+def _release(tmp: Path) -> None:
+    fd = _HELD.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _publish(tmp: Path, wheel: LockedWheel, cfg: FetchConfig) -> Path:
@@ -218,6 +256,7 @@ def _unlink(p: Path) -> None:
         p.unlink()
     except FileNotFoundError:
         pass
+    _release(p)
 
 
 def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
@@ -275,8 +314,13 @@ def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | Non
     import requests  # lazily: only real downloads pay for it (see module doc)
 
     label = label or url
-    session = requests.Session()  # proxies and ~/.netrc come from requests' defaults
-    session.headers["User-Agent"] = USER_AGENT
+    with requests.Session() as session:  # proxies and ~/.netrc come from requests' defaults
+        session.headers["User-Agent"] = USER_AGENT
+        return _download(session, requests, url, dest, cfg, expected_size, label, expected_sha256)
+
+
+def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
+              label: str, expected_sha256: str | None) -> tuple[str, int]:
     h = hashlib.sha256()
     have = 0
     resumed = False

@@ -32,8 +32,9 @@ def payload(tmp_path_factory) -> bytes:
 def cfg_for(tmp_path: Path, **kw) -> FetchConfig:
     lines: list[str] = []
     kw.setdefault("retries", 3)
+    kw.setdefault("progress", False)
     cfg = FetchConfig(cache_dir=tmp_path / "cache", backoff=0.01, connect_timeout=2, read_timeout=0.5,
-                      progress=False, echo=lines.append, **kw)
+                      echo=lines.append, **kw)
     cfg.lines = lines  # type: ignore[attr-defined]
     return cfg
 
@@ -224,14 +225,32 @@ def test_cached_install_path_does_not_import_requests(tmp_path, payload):
     assert out.stdout.strip() == "False"
 
 
-def test_stale_partial_files_are_dropped(tmp_path, payload):
+def test_leftover_partial_files_are_dropped(tmp_path, payload):
+    """A run killed mid-download leaves a .part in tmp/; the next run drops every partial
+    file that no live run holds (flock), and keeps one that is being written."""
+    import fcntl
+
     cfg = cfg_for(tmp_path)
     tmp = cfg.cache_root() / "tmp"
     tmp.mkdir(parents=True)
-    old, fresh = tmp / "old.part", tmp / "fresh.part"
-    old.write_bytes(b"x")
-    fresh.write_bytes(b"y")
-    os.utime(old, (0, 0))
+    dead, alive = tmp / "dead.part", tmp / "alive.part"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"y")
+    fd = os.open(alive, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a concurrent m3fuse holds the file it writes
+    try:
+        with FaultServer() as srv:
+            obtain(pin(payload, srv.add(NAME, payload)), cfg)
+        assert not dead.exists() and alive.exists()
+    finally:
+        os.close(fd)
+
+
+def test_progress_bar_only_when_asked(tmp_path, payload, capsys):
     with FaultServer() as srv:
-        obtain(pin(payload, srv.add(NAME, payload)), cfg)
-    assert not old.exists() and fresh.exists()  # a fresh one may belong to a running m3fuse
+        url = srv.add(NAME, payload)
+        obtain(pin(payload, url), cfg_for(tmp_path / "a", progress=True))
+        err = capsys.readouterr().err
+        assert "\r" in err and "100%" in err
+        obtain(pin(payload, url), cfg_for(tmp_path / "b", progress=False))
+        assert capsys.readouterr().err == ""
