@@ -259,3 +259,99 @@ def test_kill_hook_is_inert_without_its_variable(vllm_tree, tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert faultkit.overall(faultkit.file_states(root, faultkit.pins(patches / "sample-0.26.0"))) == "patched"
+
+
+# --- install with wheels from a loopback server ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def wheel_rig(tmp_path_factory, pristine_trees):
+    import wheelkit
+
+    base = tmp_path_factory.mktemp("wheelkill")
+    template = base / "venv-template"
+    wheelkit.make_venv(template)
+    wheels = {"fly": wheelkit.build_wheel(base / "w", "demo-fly", "0.1.9.dev1+abc",
+                                          {"demo_fly/__init__.py": "X = 1\n", "demo_fly/data.txt": "payload " * 40000}),
+              "aiter": wheelkit.aiter_wheel(base / "w", "0.1.15.post1+rocm7.2.test")}
+    with wheelkit.FaultServer() as srv:
+        urls = {k: srv.add(p.name, p.read_bytes()) for k, p in wheels.items()}
+        lock = base / "test.lock"
+        lock.write_text(wheelkit.lock_text([("demo-fly", "0.1.9.dev1+abc", [(wheels["fly"], urls["fly"])]),
+                                            ("amd-aiter", "0.1.15.post1+rocm7.2.test", [(wheels["aiter"], urls["aiter"])])]))
+        root = base / "sp"
+        shutil.copytree(pristine_trees("0.26.0"), root)
+        patches, setdir = faultkit.isolated_sets(base, "0.26.0", "sample")
+        yield {"base": base, "template": template, "server": srv, "wheels": wheels, "lock": lock, "root": root,
+               "patches": patches, "pins": faultkit.pins(setdir)}
+
+
+def _wheel_args(rig: dict, venv: Path, cache: Path) -> list[str]:
+    return ["install", "--python", str(venv), "--vllm-root", str(rig["root"]), "--patches", str(rig["patches"]),
+            "--lock", str(rig["lock"]), "--cache-dir", str(cache)]
+
+
+@pytest.mark.stress
+def test_kill_install_with_wheels_from_loopback(wheel_rig, tmp_path):
+    """SIGKILL `m3fuse install` (download -> checks -> pip -> patches) at random moments: the
+    cache never holds an unverified file, the tree only pristine/patched files, and a second
+    install finishes with nothing left over."""
+    import json
+
+    import wheelkit
+
+    rig = wheel_rig
+    rng = random.Random(f"{SEED}-wheels")
+    rounds = 16 if FULL else 2
+    pristine = {rel: (rig["root"] / rel).read_bytes() for rel in rig["pins"]}
+
+    def fresh(i: int) -> tuple[Path, Path]:
+        for rel, data in pristine.items():
+            (rig["root"] / rel).write_bytes(data)
+        venv = wheelkit.clone_venv(rig["template"], tmp_path / f"venv-{i}")
+        for k, p in rig["wheels"].items():  # trickle the bodies so kills land in downloads too
+            rig["server"].set_plan(p.name, ["slow"])
+        return venv, tmp_path / f"cache-{i}"
+
+    venv, cache = fresh(0)
+    t0 = time.perf_counter()
+    r = subprocess.run(faultkit.cli_cmd(*_wheel_args(rig, venv, cache)), capture_output=True, text=True,
+                       env=faultkit.cli_env())
+    whole = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in range(1, rounds + 1):
+        venv, cache = fresh(i)
+        out_path = tmp_path / f"out-{i}"
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen(faultkit.cli_cmd(*_wheel_args(rig, venv, cache)), stdout=out,
+                                    stderr=subprocess.STDOUT, env=faultkit.cli_env(PYTHONUNBUFFERED="1"))
+            try:
+                proc.wait(timeout=rng.uniform(0.2, whole))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+            rc = proc.wait()
+        said = out_path.read_text()
+        if rc == -signal.SIGKILL:
+            TOTALS["kills"] += 1
+            TOTALS["wheel_kills"] = TOTALS.get("wheel_kills", 0) + 1
+            if ("downloading" in said or "installing" in said) and "patched: " not in said:
+                TOTALS["mid_transaction"] += 1
+        else:
+            assert rc == 0, said
+        # After the kill: an unverified file never sits in the cache proper.
+        assert [p for p in wheelkit.cache_is_clean(cache) if "unverified" in p] == []
+        states = faultkit.file_states(rig["root"], rig["pins"])
+        assert all(not s.startswith("BAD") for s in states.values()), states
+        v = faultkit.run("verify", "--json", "--python", str(venv), "--vllm-root", str(rig["root"]),
+                         "--patches", str(rig["patches"]), "--lock", str(rig["lock"]))
+        body = json.loads(v.stdout)
+        assert body["state"] == faultkit.overall(states) and "Traceback" not in v.stderr
+        # A second install finishes the job; nothing is left over.
+        r = subprocess.run(faultkit.cli_cmd(*_wheel_args(rig, venv, cache)), capture_output=True, text=True,
+                           env=faultkit.cli_env())
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wheelkit.cache_is_clean(cache) == [], "temp or unverified files left in the cache"
+        assert faultkit.temp_files(rig["root"]) == []
+        v = faultkit.run("verify", "--python", str(venv), "--vllm-root", str(rig["root"]),
+                         "--patches", str(rig["patches"]), "--lock", str(rig["lock"]))
+        assert v.returncode == 0, v.stdout + v.stderr
+        TOTALS["survived"] += 1
