@@ -497,6 +497,128 @@ def test_python_that_is_not_python(kind, tmp_path, setup):
     ENV_FAULTS.append(f"--python {kind}")
 
 
+# --- hostile wheel locks and wheels (the wheel half of `install`) ---------------------------
+
+FLY_V = "0.1.9.dev1+abc"
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory):
+    import wheelkit
+
+    base = tmp_path_factory.mktemp("hostile-wheels")
+    venv = wheelkit.make_venv(base / "venv")
+    with wheelkit.FaultServer() as srv:
+        yield base, venv, srv
+
+
+def _site(venv: Path) -> dict:
+    sp = next((venv.parent.parent / "lib").glob("python*/site-packages"))
+    return {str(p.relative_to(sp)): p.stat().st_size for p in sp.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _fly_lock_entry(url: str, wheel_name: str, sha: str | None, extra: str = "") -> str:
+    hashes = f'hashes = {{ sha256 = "{sha}" }}\n' if sha else ""
+    return (f'lock-version = "1.0"\n\n[[packages]]\nname = "demo-fly"\nversion = "{FLY_V}"\n\n'
+            f'[[packages.wheels]]\nname = "{wheel_name}"\nurl = "{url}"\n{hashes}{extra}')
+
+
+LOCK_CASES = {
+    "ftp-scheme": ("ftp://127.0.0.1/{name}", True, "", 2, r"has scheme 'ftp'; only https, file and loopback http"),
+    "http-remote": ("http://example.invalid/{name}", True, "", 2, r"plain http to a host other than this machine"),
+    "no-scheme": ("{name}", True, "", 2, r"has scheme '\(none\)'"),
+    "javascript": ("javascript:alert(1)", True, "", 2, r"has scheme 'javascript'"),
+    "file-remote-host": ("file://fileserver/srv/{name}", True, "", 2, r"names a remote host in a file:// URL"),
+    "credentials": ("https://user:secret@127.0.0.1/{name}", True, "", 2, r"carries credentials"),
+    "missing-hash": ("{url}", False, "", 2, r"hashes.sha256 is missing"),
+    "md5-only": ("{url}", False, 'hashes = { md5 = "d41d8cd98f00b204e9800998ecf8427e" }\n', 2, r"hashes.sha256 is missing"),
+    "short-hash": ("{url}", "short", "", 2, r"is not 64 hexadecimal digits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCK_CASES))
+def test_hostile_lock_entry_refused_untouched(case, wheel_env, setup, tmp_path):
+    import wheelkit
+
+    base, venv, srv = wheel_env
+    root, good, _, _, _ = setup
+    wheel = wheelkit.build_wheel(tmp_path / "w", "demo-fly", FLY_V)
+    url = srv.add(wheel.name, wheel.read_bytes())
+    template, with_hash, extra, code, pattern = LOCK_CASES[case]
+    sha = wheelkit.sha256_of(wheel)
+    sha = sha[:40] if with_hash == "short" else sha if with_hash else None
+    lock = tmp_path / "hostile.lock"
+    lock.write_text(_fly_lock_entry(template.format(name=wheel.name, url=url), wheel.name, sha, extra))
+    cache = tmp_path / "cache"
+    before = (snapshot(root), _site(venv))
+    hits = len(srv.log)
+    r = faultkit.run("install", "--python", str(venv), "--vllm-root", str(root), "--patches", str(good),
+                     "--lock", str(lock), "--cache-dir", str(cache))
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert re.search(pattern, r.stderr), r.stderr
+    assert str(lock) in r.stderr and "nothing was downloaded or installed" in r.stderr
+    assert (snapshot(root), _site(venv)) == before
+    assert len(srv.log) == hits, "the server was contacted for a refused lock"
+    assert not cache.exists() or wheelkit.cache_is_clean(cache) == []
+    REFUSED.append(f"lock:{case}")
+
+
+MEMBER_CASES = {
+    "dotdot": ("../evil.py", r"member '\.\./evil\.py' contains '\.\.'"),
+    "nested-dotdot": ("demo_fly/../../../evil.py", r"contains '\.\.'"),
+    "absolute": ("/tmp/m3fuse-evil.py", r"member '/tmp/m3fuse-evil\.py' is absolute"),
+    "backslash-dotdot": ("..\\evil.py", r"contains '\.\.'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEMBER_CASES))
+def test_wheel_member_escaping_its_root_refused(case, wheel_env, setup, tmp_path):
+    import wheelkit
+
+    base, venv, srv = wheel_env
+    root, good, _, _, _ = setup
+    member, pattern = MEMBER_CASES[case]
+    wheel = wheelkit.build_wheel(tmp_path / "w", "demo-fly", FLY_V, raw_members={member: b"print('pwned')\n"})
+    url = srv.add(wheel.name, wheel.read_bytes())
+    lock = tmp_path / "evil.lock"
+    lock.write_text(wheelkit.lock_text([("demo-fly", FLY_V, [(wheel, url)])]))
+    cache = tmp_path / "cache"
+    before = (snapshot(root), _site(venv))
+    r = faultkit.run("install", "--python", str(venv), "--vllm-root", str(root), "--patches", str(good),
+                     "--lock", str(lock), "--cache-dir", str(cache))
+    assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
+    assert re.search(pattern, r.stderr) and "outside the environment" in r.stderr, r.stderr
+    assert (snapshot(root), _site(venv)) == before
+    assert not Path("/tmp/m3fuse-evil.py").exists()
+    assert [p for p in wheelkit.cache_is_clean(cache) if "temp file" in p] == []
+    REFUSED.append(f"wheel-member:{case}")
+
+
+@pytest.mark.parametrize("method", ["ro-bind-mount", "immutable"])
+def test_cache_not_writable(method, wheel_env, setup, tmp_path):
+    import wheelkit
+
+    base, venv, srv = wheel_env
+    root, good, _, _, _ = setup
+    wheel = wheelkit.build_wheel(tmp_path / "w", "demo-fly", FLY_V)
+    lock = tmp_path / "ok.lock"
+    lock.write_text(wheelkit.lock_text([("demo-fly", FLY_V, [(wheel, srv.add(wheel.name, wheel.read_bytes()))])]))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before = (snapshot(root), _site(venv))
+    try:
+        with faultkit.read_only(cache, method):
+            r = faultkit.run("install", "--python", str(venv), "--vllm-root", str(root), "--patches", str(good),
+                             "--lock", str(lock), "--cache-dir", str(cache))
+    except NotImplementedError as exc:
+        pytest.skip(str(exc))
+    assert r.returncode == 5, (r.returncode, r.stdout, r.stderr)
+    assert str(cache) in r.stderr and "--cache-dir" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (snapshot(root), _site(venv)) == before
+    assert list(cache.iterdir()) == []
+    ENV_FAULTS.append(f"cache not writable ({method})")
+
+
 def test_zz_record_figures():
     faultkit.record("hostile", refused=len(REFUSED), environment_faults=len(ENV_FAULTS),
                     refused_ids=REFUSED, environment_fault_ids=ENV_FAULTS)
