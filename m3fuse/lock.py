@@ -255,8 +255,9 @@ _WHL_HDR = re.compile(r"^\s*\[\[\s*packages\s*\.\s*wheels\s*\]\]\s*(#.*)?$")
 
 
 def toml_str(s: str) -> str:
-    # JSON string escapes (\", \\, \n, \uXXXX, ...) are all valid TOML basic-string escapes.
-    return json.dumps(s, ensure_ascii=False)
+    # JSON string escapes (\", \\, \n, \uXXXX, ...) are all valid TOML basic-string escapes;
+    # JSON leaves DEL raw, which TOML forbids (found by the round-trip property test).
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def render_wheel(w: LockedWheel) -> list[str]:
@@ -290,7 +291,13 @@ class _Block:
 def _split(text: str) -> tuple[list[str], list[_Block]]:
     head: list[str] = []
     blocks: list[_Block] = []
-    for line in text.splitlines():
+    # Split on "\n" only: str.splitlines() also breaks at U+0085, U+2028 ..., which TOML
+    # allows raw inside strings (found by the round-trip property test).
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        line = line[:-1] if line.endswith("\r") else line
         kind = "pkg" if _PKG_HDR.match(line) else "whl" if _WHL_HDR.match(line) else None
         if kind is None:
             (blocks[-1].lines if blocks else head).append(line)
@@ -322,7 +329,12 @@ def _set_key(block: _Block, key: str, value_toml: str | None) -> None:
     if idx is not None:
         block.lines[idx] = new
         return
-    # Append after the last key line, before trailing blank/comment lines.
+    # A new size goes above the hashes line (the order render_wheel uses); anything else
+    # after the last key line, before trailing blank/comment lines.
+    hashes = next((i for i, ln in enumerate(block.lines) if _key_of(ln) == "hashes"), None)
+    if key == "size" and hashes is not None:
+        block.lines.insert(hashes, new)
+        return
     last = max((i for i, ln in enumerate(block.lines) if _key_of(ln) or ln.strip().startswith("[[")), default=0)
     block.lines.insert(last + 1, new)
 

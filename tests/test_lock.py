@@ -165,3 +165,21 @@ def test_reading_the_lock_does_not_import_requests():
             "import m3fuse.wheels; load_lock(default_lock()); print('requests' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None)
+@given(path=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30),
+       size=st.one_of(st.none(), st.integers(0, 2**40)),
+       sha=st.text("0123456789abcdef", min_size=64, max_size=64))
+def test_writer_round_trips_any_text(tmp_path_factory, path, size, sha):
+    lockfile = tmp_path_factory.mktemp("rt") / "w.lock"
+    url = "file:///" + path.replace("/", "_") + "/" + WHL
+    w = LockedWheel(WHL, url, sha, size)
+    add_wheel(lockfile, "demo-pkg", "1.0", w)
+    assert load_lock(lockfile).packages[0].wheels == (w,)
+    w2 = LockedWheel(WHL, url + "x/" + WHL, sha[::-1], None if size is None else size + 1)
+    add_wheel(lockfile, "demo-pkg", "1.0", w2)
+    assert load_lock(lockfile).packages[0].wheels == (w2,)
