@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from . import __version__, engine, mutex, resources
-from .errors import EXIT_CODES_HELP, EXIT_DRIFT, EXIT_OK, M3fuseError, UsageProblem
+from .errors import (EXIT_CODES_HELP, EXIT_DRIFT, EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, M3fuseError,
+                     UsageProblem)
 from .patchset import load_all
 from .report import paths_json, tree_json, tree_table
 from .target import locate
@@ -57,7 +58,18 @@ def lock_options(f: Callable[..., Any]) -> Callable[..., Any]:
                         metavar="SECONDS", help="How long to wait for another m3fuse run on the same tree.")(f)
 
 
-@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+class _Group(click.Group):
+    """Maps any M3fuseError that escapes a command (fetch, lock ...) to its exit code, so no
+    command can end in a traceback for a failure m3fuse knows how to explain."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except M3fuseError as exc:
+            sys.exit(_emit_error(exc, False))
+
+
+@click.group(cls=_Group, context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="m3fuse")
 def main() -> None:
     """Apply, verify and revert the MiniMax M3 AITER all-reduce + Gemma RMSNorm fusion on an
@@ -104,15 +116,6 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
         return after, actions
 
 
-def _wheel_step(name: str) -> Any:
-    try:
-        from . import wheels
-    except ImportError as exc:
-        raise UsageProblem(f"this m3fuse build cannot {name} the pinned wheels yet ({exc}); pass "
-                           f"--no-wheels to work on the vLLM patches only.") from exc
-    return wheels
-
-
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
 @target_options
 @lock_options
@@ -136,7 +139,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
         out: dict[str, Any] = {"ok": True, "command": "install"}
         if not no_wheels:
-            wheels = _wheel_step("install")
+            from . import wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
                                        find_links=list(find_links), python=python or sys.executable)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
@@ -201,14 +204,16 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
             failures += tree.problems
             code = code or EXIT_DRIFT
         if not no_wheels and expect == engine.PATCHED:
-            wheels = _wheel_step("verify")
+            from . import wheels
             results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable)
             out["wheels"] = results
             bad = [r for r in results if r.get("state") != "ok"]
             for r in bad:
                 failures.append(f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}")
-            if bad:
-                code = code or 4 if any(r.get("state") == "record-mismatch" for r in bad) else code or 5
+            if bad and not code:
+                # Edited files of an installed wheel are an integrity failure; a missing or
+                # other-version package is an environment that was never set up.
+                code = EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
         if as_json:
@@ -240,10 +245,8 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 
 
 def _register_wheel_commands() -> None:
-    try:
-        from .cli_wheels import fetch_command, lock_group
-    except ImportError:
-        return
+    from .cli_wheels import fetch_command, lock_group
+
     main.add_command(fetch_command, "fetch")
     main.add_command(lock_group, "lock")
 
