@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import DriftError, EnvironmentProblem, PatchSetError, UnsupportedError
-from .fingerprint import read_record, sha256_bytes, sha256_file, stale_bytecode
+from .fingerprint import record_hashes_for, sha256_bytes, sha256_file, stale_bytecode
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
 from .target import VllmTarget
@@ -109,9 +109,9 @@ def inspect(vllm: VllmTarget, sets: list[PatchSet], *, deep: bool = True) -> Tre
         state = DRIFTED if for_version else UNSUPPORTED
     tree = TreeState(vllm, pset, files, state, sets)
     if deep:
-        record = read_record(vllm.dist_info) if vllm.dist_info else {}
+        record = (record_hashes_for(vllm.dist_info, {f.target.path for f in files}) if vllm.dist_info else None)
         for f in files:
-            if record:
+            if record is not None:
                 want = record.get(f.target.path)
                 f.record = "unlisted" if want is None else "match" if want == f.sha256 else "differs"
             f.stale_bytecode = [f"{b.path.name}: {b.reason}" for b in stale_bytecode(f.path)]

@@ -60,6 +60,29 @@ def read_record(dist_info: Path) -> dict[str, str]:
     return out
 
 
+def record_hashes_for(dist_info: Path, paths: set[str]) -> dict[str, str] | None:
+    """read_record(dist_info) restricted to `paths`, or None where read_record would give {}
+    (no RECORD, or no hashed row in it). vLLM's RECORD has thousands of rows and `verify`
+    needs a few: only those are decoded."""
+    try:
+        text = (dist_info / "RECORD").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    any_hashed = False
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2 or not row[1]:
+            continue
+        if row[0] in paths:
+            digest = record_digest_to_hex(row[1])
+            if digest:
+                out[row[0]] = digest
+                any_hashed = True
+        elif not any_hashed and record_digest_to_hex(row[1]):
+            any_hashed = True
+    return out if any_hashed else None
+
+
 @dataclass(frozen=True)
 class StaleBytecode:
     path: Path
