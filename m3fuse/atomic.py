@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from .fingerprint import remove_bytecode
@@ -29,7 +28,7 @@ def _checkpoint(step: str) -> None:
 
 
 def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def leftovers(directory: Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,17 @@ from .target import locate
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _dumps(obj: Any) -> str:
+    import json  # only --json output needs it
+
+    return json.dumps(obj, indent=2)
+
+
 def _emit_error(exc: M3fuseError, as_json: bool, extra: dict[str, Any] | None = None) -> int:
     if as_json:
         body = {"ok": False, "error": {"kind": exc.kind, "exit_code": exc.exit_code, "message": exc.message}}
         body.update(extra or {})
-        click.echo(json.dumps(body, indent=2))
+        click.echo(_dumps(body))
     else:
         click.echo(f"m3fuse: error: {exc.message}", err=True)
     return exc.exit_code
@@ -58,9 +63,28 @@ def lock_options(f: Callable[..., Any]) -> Callable[..., Any]:
                         metavar="SECONDS", help="How long to wait for another m3fuse run on the same tree.")(f)
 
 
+# Commands whose module is imported only when they are run (or listed by --help): `verify`
+# runs in every CI job and must not pay for the lock writer, packaging and tempfile.
+_LAZY_COMMANDS = {"fetch": ("cli_wheels", "fetch_command"), "lock": ("cli_wheels", "lock_group")}
+
+
 class _Group(click.Group):
     """Maps any M3fuseError that escapes a command (fetch, lock ...) to its exit code, so no
-    command can end in a traceback for a failure m3fuse knows how to explain."""
+    command can end in a traceback for a failure m3fuse knows how to explain. Loads the
+    commands of _LAZY_COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None and cmd_name in _LAZY_COMMANDS:
+            from importlib import import_module
+
+            module, attr = _LAZY_COMMANDS[cmd_name]
+            cmd = getattr(import_module(f".{module}", __package__), attr)
+            self.add_command(cmd, cmd_name)
+        return cmd
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -148,7 +172,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             out.update(tree_json(tree))
             out["actions"] = actions
         if as_json:
-            click.echo(json.dumps(out, indent=2))
+            click.echo(_dumps(out))
         return EXIT_OK
 
     _run(as_json, body)
@@ -166,7 +190,7 @@ def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
     def body() -> int:
         tree, actions = _transition(engine.PRISTINE, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
         if as_json:
-            click.echo(json.dumps({"ok": True, "command": "revert", **tree_json(tree), "actions": actions}, indent=2))
+            click.echo(_dumps({"ok": True, "command": "revert", **tree_json(tree), "actions": actions}))
         return EXIT_OK
 
     _run(as_json, body)
@@ -217,7 +241,7 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
         if as_json:
-            click.echo(json.dumps(out, indent=2))
+            click.echo(_dumps(out))
         else:
             click.echo(tree_table(tree))
             for f in failures:
@@ -236,22 +260,13 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
     def body() -> int:
         tree = _tree(python, vllm_root, patches_dir)
         if as_json:
-            click.echo(json.dumps({"ok": True, "command": "status", **tree_json(tree)}, indent=2))
+            click.echo(_dumps({"ok": True, "command": "status", **tree_json(tree)}))
         else:
             click.echo(tree_table(tree))
         return EXIT_OK
 
     _run(as_json, body)
 
-
-def _register_wheel_commands() -> None:
-    from .cli_wheels import fetch_command, lock_group
-
-    main.add_command(fetch_command, "fetch")
-    main.add_command(lock_group, "lock")
-
-
-_register_wheel_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +62,9 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
 
 def query_interpreter(python: str, code: str, *, what: str) -> dict:
     """Run `code` in another interpreter and parse the one JSON line it prints."""
+    import json  # here, not at the top: the default target (this interpreter) needs neither
+    import subprocess
+
     try:
         proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
                               cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})

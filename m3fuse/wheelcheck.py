@@ -8,21 +8,24 @@ the patched vLLM calls is really there.
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import tempfile
-import zipfile
-from email.parser import HeaderParser
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from .errors import EnvironmentProblem, IntegrityError
 from .lock import LockedPackage, LockedWheel
+
+# ast, zipfile and email.parser are imported by the checks that use them: `m3fuse verify`
+# imports this module (for run_target) and must not pay for them.
+if TYPE_CHECKING:
+    import ast
+    import zipfile
 
 
 class WheelCheckError(IntegrityError):
@@ -131,6 +134,8 @@ def read_metadata(path: Path) -> tuple[str, str]:
             raw = zf.read(f"{info}/METADATA").decode("utf-8", "replace")
         except KeyError:
             raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
+    from email.parser import HeaderParser
+
     msg = HeaderParser().parsestr(raw)
     name, version = msg.get("Name"), msg.get("Version")
     if not name or not version:
@@ -163,6 +168,8 @@ def unsafe_member(name: str) -> str | None:
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
+    import zipfile
+
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -193,6 +200,8 @@ def _param_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
 
 def aiter_problems(source: str) -> list[str]:
     """What the AITER source lacks that the fusion needs; empty when it is usable."""
+    import ast
+
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
