@@ -65,9 +65,9 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     if not lock.packages:
         echo(f"{lock.path} pins no wheels; nothing to install")
         return []
-    tags = target_tags(opts.python)
     names = [p.name for p in lock.packages]
     before = probe(opts.python, names + [GUARDED], record=names)
+    tags: tuple[str, ...] | None = None  # asked of the target only when a wheel must be chosen
     cfg = opts.fetch_config(echo)
 
     results: list[dict] = []
@@ -84,6 +84,8 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
             continue
         if state_of(info, pkg.version) == "record-mismatch":
             echo(f"{pkg.name} {pkg.version}: installed but {len(info['problems'])} file(s) differ from RECORD; reinstalling")
+        if tags is None:
+            tags = target_tags(opts.python)
         wheel = select_wheel(pkg, tags, lock.path, opts.python)
         res["sha256"], res["url"] = wheel.sha256, wheel.url
         todo.append((pkg, wheel, None, res))
@@ -97,6 +99,7 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     # 2. Every pre-install check on every file, still before anything is installed.
     for pkg, wheel, path, _ in fetched:
         if path is not None:
+            assert tags is not None  # set when the package was planned
             check_wheel(path, pkg, tags, opts.python)
     if dry_run:
         for _, _, path, res in fetched:
@@ -114,6 +117,10 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
         echo(f"{pkg.name} {pkg.version}: installing {path.name}")
         pip_install(opts.python, path, wheel.sha256)
         res["action"] = "installed"
+    if not fetched:
+        # Every pin was already intact (the probe above proved version and RECORD) and nothing
+        # was installed, so the post-checks below could only repeat that probe.
+        return results
     # 4. Post-checks.
     after = probe(opts.python, names + [GUARDED], record=[])
     wrong = []
