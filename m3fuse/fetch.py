@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 try:
     import fcntl
@@ -72,13 +71,12 @@ def cache_path(root: Path, wheel: LockedWheel) -> Path:
 def hash_file(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
+    buf = bytearray(CHUNK)  # one buffer read into again and again: no new bytes object per chunk
+    view = memoryview(buf)
     with open(path, "rb") as f:
-        while True:
-            b = f.read(CHUNK)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
+        while k := f.readinto(buf):
+            h.update(view[:k])
+            n += k
     return h.hexdigest(), n
 
 
@@ -147,6 +145,8 @@ def local_source(wheel: LockedWheel, cfg: FetchConfig) -> Path | None:
             return cand
     parts = urlsplit(wheel.url)
     if parts.scheme.lower() == "file":
+        from urllib.request import url2pathname  # imports http.client: only for file:// pins
+
         return Path(url2pathname(parts.path))
     return None
 
