@@ -307,7 +307,7 @@ def make_setup(tmp: Path, cfg: Config, log: Callable[[str], None]) -> Setup:
 # -------------------------------------------------------------------------------- figures
 
 
-def fig_latency(s: Setup, cfg: Config) -> list[Figure]:
+def fig_latency(s: Setup, cfg: Config, only: list[str]) -> list[Figure]:
     base = [s.venv_python, "-c", "pass"]
     out = []
     for name, title, args, goal, what in [
@@ -319,6 +319,8 @@ def fig_latency(s: Setup, cfg: Config) -> list[Figure]:
          ["install", "--lock", s.small_lock, "--cache-dir", s.tmp / "cache"], 3.0,
          "m3fuse install (pins installed, tree patched)"),
     ]:
+        if name not in only:
+            continue
         s.log(f"{title} ...")
         cmd = [s.m3fuse, *args]
         a, b = measure(lambda: run(cmd, s.env, s.tmp), lambda: run(base, s.env, s.tmp),
@@ -488,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (overrides the defaults)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(FIGURES)}")
+    ap.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (its path is printed)")
     ap.add_argument("--_serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = make_setup(tmp, cfg, log)
         if {"verify_latency", "verify_with_wheels", "idempotent_install"} & set(only):
-            figs += [f for f in fig_latency(s, cfg) if f.name in only]
+            figs += fig_latency(s, cfg, only)
         if "hashing" in only:
             figs.append(fig_hashing(s, cfg))
         if "download" in only:
@@ -528,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     figs.sort(key=lambda f: FIGURES.index(f.name))
     result = {"config": cfg.__dict__, "machine": mach, "elapsed_s": round(time.monotonic() - t0, 1),
               "figures": {f.name: f.to_json() for f in figs}}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
