@@ -27,6 +27,9 @@ print(json.dumps({"executable": sys.executable, "version_info": list(sys.version
 """
 
 
+_WHO = 'import json, sys; print(json.dumps({"executable": sys.executable}))'
+
+
 @dataclass(frozen=True)
 class VllmTarget:
     root: Path  # the directory that contains the `vllm/` package
@@ -95,6 +98,11 @@ def query_interpreter(python: str, code: str, *, what: str) -> dict:
 
 def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmTarget:
     if vllm_root is not None:
+        if python is not None:
+            # The wheels go into that interpreter even when the tree is named directly, so it
+            # must be a working Python before anything is written to the tree.
+            info = query_interpreter(python, _WHO, what="identify itself")
+            python = info.get("executable") or python
         return from_root(vllm_root, python=python)
     if python is not None:
         info = query_interpreter(python, _QUERY, what="locate vllm")

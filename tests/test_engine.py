@@ -259,3 +259,17 @@ def test_missing_vllm_and_bad_python(tmp_path):
 def test_wheels_and_patches_both_skipped_is_usage_error():
     r = run_cli("install", "--no-wheels", "--no-patches")
     assert r.returncode == 2 and "nothing to do" in r.stderr
+
+
+def test_python_is_checked_even_with_vllm_root(vllm_tree, sets_dir, tmp_path):
+    root = vllm_tree("0.26.0")
+    notpy = tmp_path / "notpython"
+    notpy.write_text("#!/bin/sh\nexit 0\n")
+    notpy.chmod(0o755)
+    before = snapshot(root)
+    r = run_cli("install", "--no-wheels", "--python", str(notpy), "--vllm-root", str(root),
+                "--patches", str(sets_dir))
+    assert r.returncode == 5 and str(notpy) in r.stderr
+    assert snapshot(root) == before
+    code, out = cli_json("status", "--python", sys.executable, "--vllm-root", str(root), "--patches", str(sets_dir))
+    assert code == 0 and out["vllm"]["python"] == sys.executable
