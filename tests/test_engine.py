@@ -273,3 +273,17 @@ def test_python_is_checked_even_with_vllm_root(vllm_tree, sets_dir, tmp_path):
     assert snapshot(root) == before
     code, out = cli_json("status", "--python", sys.executable, "--vllm-root", str(root), "--patches", str(sets_dir))
     assert code == 0 and out["vllm"]["python"] == sys.executable
+
+
+@pytest.mark.parametrize("version", ["0.25.1"])
+def test_shipped_sets_refuse_a_release_they_were_not_made_for(version, vllm_tree):
+    """0.25.x ships the 0.24.0/0.26.0 helper byte for byte but its own model file: the
+    shipped sets must refuse it whole, not patch the helper alone."""
+    root = vllm_tree(version)
+    before = snapshot(root)
+    r = run_cli("install", "--no-wheels", "--vllm-root", str(root))
+    assert r.returncode == 3, r.stderr
+    assert "not supported" in r.stderr and "vllm-0.24.0" in r.stderr and "vllm-0.26.0" in r.stderr
+    assert f"{realvllm.HELPER} is pristine" in r.stderr  # the closest set's helper matches ...
+    assert sha(root / realvllm.MODEL) in r.stderr  # ... its model does not, and says what it is
+    assert snapshot(root) == before
