@@ -65,6 +65,14 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
 
 def query_interpreter(python: str, code: str, *, what: str) -> dict:
     """Run `code` in another interpreter and parse the one JSON line it prints."""
+    # The child runs in "/" (so no vllm/ in the caller's directory can shadow the installed
+    # one); a relative path or a bare command name must be resolved against the caller first.
+    if os.sep in python:
+        python = os.path.abspath(python)
+    else:
+        import shutil
+
+        python = shutil.which(python) or python
     import json  # here, not at the top: the default target (this interpreter) needs neither
     import subprocess
 

@@ -101,3 +101,26 @@ def test_non_editable_install_ships_patch_sets_and_lock(tmp_path, vllm_venv):
         assert r.returncode == 0 and st["set"] == "vllm-0.26.0" and st["state"] == "pristine"
     else:  # until the real set lands, an unsupported report is the right answer
         assert st["state"] == "unsupported"
+
+
+def test_relative_and_bare_python_paths_resolve_from_the_callers_directory(vllm_venv, tmp_path):
+    """The interpreter is queried from "/" so that a vllm/ folder in the caller's directory
+    cannot shadow the installed one; a relative --python must still mean what the user typed."""
+    import os
+    import subprocess
+    import sys
+
+    env_dir = vllm_venv.parent.parent
+    rel = os.path.relpath(vllm_venv, env_dir.parent)
+    (env_dir.parent / "vllm").mkdir(exist_ok=True)  # a decoy package dir in the caller's cwd
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "status", "--json", "--python", rel],
+                       capture_output=True, text=True, cwd=env_dir.parent)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["vllm"]["version"] == "0.26.0"
+    assert Path(st["vllm"]["root"]).resolve() == venvs.site_packages(vllm_venv).resolve()
+    path = str(vllm_venv.parent) + os.pathsep + os.environ.get("PATH", "")
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "status", "--json", "--python", "python"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PATH": path})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vllm"]["version"] == "0.26.0"
