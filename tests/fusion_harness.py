@@ -4,17 +4,13 @@ Parameterised by patch set: add a `FusionSet` to `SETS` to cover another release
 
 - The patched text of a file is the committed diff applied (with the engine's
   `m3fuse.hunks.apply_patch`) to the real release file from `tests/realvllm.py`.
-- `SimTP`: a simulated tensor-parallel group of N ranks, one thread per rank; its
-  all-reduce is an fp32 sum in rank order, rounded to the input dtype.
-- `FakeAiterCA`: AITER's raw `CustomAllreduce` with the pinned build's `fused_ar_rms`
-  signature (keyword-only `w`, `eps`, `registered`, `use_1stage`); it all-reduces over the
-  SimTP group, adds the residual, applies RMSNorm scaled by the given `w` (plain, not
-  `1 + w`) and records its arguments. `FakeAiterWrapper` is vLLM 0.25+'s
-  `AiterCustomAllreduce` (raw object at `.aiter_ca`).
+- The stand-ins shared with the 0.33.0 harness (`SimTP`, `FakeAiterCA`, `FakeAiterWrapper`,
+  `M3Norm`, `OtherGemmaNorm`, RMSNorm math, ast helpers) live in `tests/fusion_standins.py`.
+  The `FakeAiterCA`s built here keep the cross-rank sum in fp32 before the residual add.
 - `Stage`: installs stand-in modules for every vLLM import the helper makes (also its lazy
-  ones) and stubs `torch.cuda.is_current_stream_capturing`, for as long as it is active.
-- `M3Norm`: named and placed like M3's ROCm `MiniMAXGemmaRMSNorm` (fp32 math, scales by
-  `1 + weight`), so the helper recognises it by name.
+  ones) and stubs `torch.cuda.is_current_stream_capturing`, for as long as it is active;
+  `FakeRocmAiterOps` answers either AITER API generation (raw object for 0.24, the
+  `FakeAiterWrapper` of the TP communicator for 0.25+).
 - `load_model(...)`: the real classes `MiniMAXGemmaRMSNorm`, `MiniMaxM3DecoderLayer` and
   `MiniMaxM3Model` (and `EagleModelMixin` from the release's interfaces.py) compiled from
   the patched source against stand-in globals, so tests run the patched `__init__`s and
@@ -25,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import sys
-import threading
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +29,20 @@ from typing import Any, Callable
 import torch
 
 import realvllm
+from fusion_standins import (
+    M3_MODULE,
+    FakeAiterCA,
+    FakeAiterWrapper,
+    OtherGemmaNorm,
+    SimTP,
+    compile_nodes,
+    module_from_source,
+    rms_norm,
+    top_level,
+)
 from m3fuse.hunks import apply_patch
 
 REPO = Path(__file__).resolve().parent.parent
-M3_MODULE = "vllm.models.minimax_m3.amd.model"
 INTERFACES = "vllm/model_executor/models/interfaces.py"
 
 
@@ -89,119 +94,7 @@ def pristine_text(fs: FusionSet, rel: str) -> str:
     return _TEXT_CACHE[key]
 
 
-# ----------------------------------------------------------------------------- TP group
-class SimTP:
-    """N ranks as N threads; collective calls must be made by every rank in the same order."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self._local = threading.local()
-        self._barrier = threading.Barrier(world)
-        self._slots: list[Any] = [None] * world
-        self.all_reduce_calls = 0  # counted on rank 0
-
-    @property
-    def rank(self) -> int:
-        return getattr(self._local, "rank", 0)
-
-    def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
-        r = self.rank
-        self._slots[r] = x
-        self._barrier.wait(timeout=60)
-        got = list(self._slots)
-        self._barrier.wait(timeout=60)
-        return got
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        parts = self._gather(x)
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for t in parts:
-            acc = acc + t.float()
-        if self.rank == 0:
-            self.all_reduce_calls += 1
-        return acc.to(x.dtype)
-
-    def run(self, fn: Callable[[int], Any]) -> list[Any]:
-        """fn(rank) on every rank at once; returns the per-rank results, re-raising failures."""
-        results: list[Any] = [None] * self.world
-        errors: list[BaseException] = []
-
-        def body(r: int) -> None:
-            self._local.rank = r
-            try:
-                results[r] = fn(r)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-                self._barrier.abort()
-
-        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        if errors:
-            raise errors[0]
-        return results
-
-
-def rms_ref(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """fp32/fp64 RMSNorm scaled by `scale` (no Gemma offset)."""
-    var = x.pow(2).mean(dim=-1, keepdim=True)
-    return x * torch.rsqrt(var + eps) * scale
-
-
-# ----------------------------------------------------------------------------- AITER fakes
-class FakeAiterCA:
-    """AITER 0.1.15.post1 `CustomAllreduce` surface that the patched helper uses."""
-
-    def __init__(self, tp: SimTP, *, disabled: bool = False, with_pool: bool = True) -> None:
-        self.tp = tp
-        self.world_size = tp.world
-        self.fully_connected = True
-        self.disabled = disabled
-        if with_pool:
-            self._pool = {}
-        self.calls: list[dict] = []
-        self._lock = threading.Lock()
-
-    def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, scale_out=None, w, eps,
-                     registered=False, use_1stage=False, post_per_token_quant=False):
-        with self._lock:
-            self.calls.append(dict(rank=self.tp.rank, shape=tuple(inp.shape), dtype=inp.dtype,
-                                   w=w.detach().clone(), eps=eps, registered=registered,
-                                   use_1stage=use_1stage, res_inp_is_input=res_inp))
-        total = self.tp.all_reduce(inp.float()) if inp.device.type != "meta" else inp.float()
-        x = total + res_inp.float()
-        return rms_ref(x, w.float(), eps).to(inp.dtype), x.to(inp.dtype)
-
-    def capture(self):  # pragma: no cover - present for the surface only
-        raise AssertionError("not used on CPU")
-
-
-class FakeAiterCANoStage(FakeAiterCA):
-    """An AITER build whose fused_ar_rms has no use_1stage (e.g. 0.1.7.post2.dev18)."""
-
-    def fused_ar_rms(self, inp, res_inp, *, w, eps, registered=False):  # type: ignore[override]
-        raise AssertionError("must not be called")
-
-
-class FakeAiterWrapper:
-    """vLLM 0.25+'s `AiterCustomAllreduce` (owned by the TP device communicator)."""
-
-    def __init__(self, ca: FakeAiterCA) -> None:
-        self._impl = ca
-
-    @property
-    def aiter_ca(self) -> FakeAiterCA:
-        return self._impl
-
-    @property
-    def disabled(self) -> bool:
-        return self._impl.disabled
-
-
+# ----------------------------------------------------------------------------- AITER ops
 class FakeRocmAiterOps:
     """`vllm._aiter_ops.rocm_aiter_ops` for either API generation."""
 
@@ -233,37 +126,12 @@ class FakeRocmAiterOps:
         st.raw_ca = st.make_ca() if st.aiter_importable else None
 
 
-# ----------------------------------------------------------------------------- norms
-class M3Norm(torch.nn.Module):
-    """Stand-in for M3's ROCm `MiniMAXGemmaRMSNorm`: fp32 math, scale `1 + weight`."""
-
-    def __init__(self, hidden: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(hidden))
-        self.variance_epsilon = eps
-
-    def forward(self, x, residual=None):
-        xf = x.float()
-        if residual is not None:
-            xf = xf + residual.float()
-            new_res = xf.to(x.dtype)
-        out = rms_ref(xf, 1.0 + self.weight.float(), self.variance_epsilon).to(x.dtype)
-        return out if residual is None else (out, new_res)
-
-
-M3Norm.__name__ = M3Norm.__qualname__ = "MiniMAXGemmaRMSNorm"
-M3Norm.__module__ = M3_MODULE
-
-
-class OtherGemmaNorm(M3Norm):
-    """Same math, another class (e.g. vLLM's GemmaRMSNorm): never the AITER path."""
-
-
-OtherGemmaNorm.__name__ = OtherGemmaNorm.__qualname__ = "GemmaRMSNorm"
-OtherGemmaNorm.__module__ = "vllm.model_executor.layers.layernorm"
-
-
 # ----------------------------------------------------------------------------- stage
+def fp32_sum_ca(tp: SimTP) -> FakeAiterCA:
+    """The default AITER stand-in here: the cross-rank sum stays fp32 until the norm."""
+    return FakeAiterCA(tp, sum_dtype=torch.float32)
+
+
 @dataclass
 class Stage:
     """Stand-in world for one patch set; use as a context manager."""
@@ -275,7 +143,7 @@ class Stage:
     aiter_custom_ar_env: bool = True  # VLLM_ROCM_USE_AITER_CUSTOM_AR (0.25+)
     custom_all_reduce: bool = True  # not --disable-custom-all-reduce
     aiter_importable: bool = True
-    ca_factory: Callable[[SimTP], FakeAiterCA] = FakeAiterCA
+    ca_factory: Callable[[SimTP], FakeAiterCA] = fp32_sum_ca
     capturing: bool = False
     pp: int = 1
     dp: int = 1
@@ -380,46 +248,11 @@ class Stage:
 
 def load_helper(fs: FusionSet, name: str = "m3_helper_under_test") -> types.ModuleType:
     """The patched helper as a fresh module (call inside an active Stage)."""
-    src = patched_text(fs, realvllm.HELPER)
-    module = types.ModuleType(name)
-    module.__file__ = f"<patched {fs.name}>/{realvllm.HELPER}"
-    exec(compile(src, module.__file__, "exec"), module.__dict__)
-    return module
+    return module_from_source(patched_text(fs, realvllm.HELPER), name,
+                              f"<patched {fs.name}>/{realvllm.HELPER}")
 
 
 # ----------------------------------------------------------------------------- model
-class _StripAnnotations(ast.NodeTransformer):
-    """Annotations name vLLM types the stand-in globals do not have; they carry no behaviour."""
-
-    def visit_arg(self, node: ast.arg) -> ast.arg:
-        node.annotation = None
-        return node
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
-        node.returns = None
-        self.generic_visit(node)
-        return node
-
-    def visit_AnnAssign(self, node: ast.AnnAssign):
-        if node.value is None:
-            return None
-        return ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node)
-
-
-def top_level(tree: ast.Module, name: str) -> ast.stmt:
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == name:
-            return node
-    raise KeyError(name)
-
-
-def compile_nodes(nodes: list[ast.stmt], globals_: dict, filename: str) -> dict:
-    mod = ast.Module(body=[_StripAnnotations().visit(n) for n in nodes], type_ignores=[])
-    ast.fix_missing_locations(mod)
-    exec(compile(mod, filename, "exec"), globals_)
-    return globals_
-
-
 @dataclass
 class ToyConfig:
     """The few hf_text_config fields the decoder layer and model constructors read."""
@@ -498,11 +331,11 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None) -> 
         return FakeAttention(*a, **k, tp=tp)
 
     def gemma_rmsnorm(x, w, eps):
-        return rms_ref(x.float(), 1.0 + w.float(), eps).to(x.dtype)
+        return rms_norm(x.float(), 1.0 + w.float(), eps).to(x.dtype)
 
     def gemma_fused_add_rmsnorm(x, residual, w, eps):
         s = x.float() + residual.float()
-        return rms_ref(s, 1.0 + w.float(), eps).to(x.dtype), s.to(x.dtype)
+        return rms_norm(s, 1.0 + w.float(), eps).to(x.dtype), s.to(x.dtype)
 
     g: dict[str, Any] = {
         "__name__": M3_MODULE,

@@ -1,189 +1,27 @@
 """CPU stand-ins for running the vllm-0.33.0 set's patched code without vLLM, AITER or a GPU.
 
-- `SimTP`: a simulated tensor-parallel group of N ranks, one thread per rank, with an
-  out-of-place all-reduce (fp32 sum in rank order, rounded to the input dtype).
-- `FakeAiterCA`: AITER's raw `CustomAllreduce` with the exact `fused_ar_rms` signature of the
-  pinned build (0.1.15.post1: keyword-only `w`, `eps`, `registered`, `use_1stage`, no
-  `gemma_norm`); it computes sum + residual add + RMSNorm scaled by `w` and records its
-  arguments. `FakeAiterWrapper` is vLLM 0.33.0's `AiterCustomAllreduce` surface (`aiter_ca`,
-  `disabled`, `should_custom_ar`, `supports_dynamic_hidden_dim`, `use_1stage_fused_ar_rms`).
-- `load_helper(source)`: the helper module built from source text with stand-ins for every vLLM
-  import it makes (also the lazy `vllm._aiter_ops`), for as long as `Stage` is active.
-- `M3Norm`: a norm class named and placed like M3's ROCm `MiniMAXGemmaRMSNorm` (fp32 math,
-  scales by 1 + weight), so the helper recognises it by name without importing the model.
-- `model_functions(source, ...)`: selected functions of the real model file, compiled against
-  stand-in globals, so tests run the patched `forward` code itself.
+The stand-ins shared with tests/fusion_harness.py (`SimTP`, `FakeAiterCA`, `FakeAiterWrapper`,
+`M3Norm`, `OtherGemmaNorm`, `rms_ref`, the ast/compile helpers) live in
+tests/fusion_standins.py; this module holds what only 0.33.0 needs:
 
-This is a 0.33.0-specific harness (the lead may fold it into tests/fusion_harness.py later).
+- `Stage`: what the stand-in vLLM modules answer for 0.33.0 (`vllm.platforms`, the TP
+  communicator's per-rank `aiter_ar_comm` wrappers, vLLM's own
+  `get_fused_allreduce_rmsnorm_op` with `gemma_norm`); `staged(stage)` installs them.
+- `load_helper(source)`: the helper module built from source text with those stand-ins for
+  every vLLM import it makes (also the lazy `vllm._aiter_ops`), for as long as `staged` is
+  active.
 """
 
 from __future__ import annotations
 
-import ast
 import sys
-import threading
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-M3_MODULE = "vllm.models.minimax_m3.amd.model"
-
-
-# ----------------------------------------------------------------------------- TP group
-class SimTP:
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self._local = threading.local()
-        self._barrier = threading.Barrier(world)
-        self._slots: list[torch.Tensor | None] = [None] * world
-        self.all_reduce_calls = 0  # counted on rank 0
-
-    @property
-    def rank(self) -> int:
-        return getattr(self._local, "rank", 0)
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        r = self.rank
-        self._slots[r] = x
-        self._barrier.wait(timeout=60)
-        acc = torch.zeros(x.shape, dtype=torch.float32)
-        for t in self._slots:
-            acc = acc + t.float()
-        self._barrier.wait(timeout=60)
-        if r == 0:
-            self.all_reduce_calls += 1
-        return acc.to(x.dtype)
-
-    def run(self, fn: Callable[[int], Any]) -> list[Any]:
-        """fn(rank) on every rank concurrently; returns the per-rank results in rank order."""
-        out: list[Any] = [None] * self.world
-        errs: list[BaseException] = []
-
-        def body(r: int) -> None:
-            self._local.rank = r
-            try:
-                out[r] = fn(r)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errs.append(e)
-                self._barrier.abort()
-
-        if self.world == 1:
-            body(0)
-        else:
-            ts = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(120)
-        if errs:
-            raise errs[0]
-        return out
-
-
-# ----------------------------------------------------------------------------- AITER
-def rms_ref(s: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    s = s.double()
-    return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
-
-
-@dataclass
-class FakeAiterCA:
-    """AITER 0.1.15.post1 `CustomAllreduce` as far as the helper uses it."""
-
-    tp: SimTP
-    fully_connected: bool = True
-    calls: list[dict] = field(default_factory=list)
-    disabled: bool = False
-    _pool: dict = field(default_factory=dict)  # present from AITER 0.1.12 on
-
-    @property
-    def world_size(self) -> int:
-        return self.tp.world
-
-    def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, scale_out=None, w, eps,
-                     registered=False, use_1stage=False, post_per_token_quant=False):
-        self.calls.append(dict(rank=self.tp.rank, shape=tuple(inp.shape), dtype=inp.dtype,
-                               w=w.detach().clone(), eps=eps, registered=registered,
-                               use_1stage=use_1stage, post_per_token_quant=post_per_token_quant,
-                               res_out=res_out, out=out))
-        s = self.tp.all_reduce(inp).float() + res_inp.float()
-        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-        return normed.to(inp.dtype), s.to(inp.dtype)
-
-
-class FakeAiterCANoStage(FakeAiterCA):
-    """An AITER build whose fused_ar_rms has no `use_1stage` (the public 0.1.7 wheel)."""
-
-    def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, w, eps, registered=False):  # type: ignore[override]
-        raise AssertionError("must not be called")
-
-
-@dataclass
-class FakeAiterWrapper:
-    """vLLM 0.33.0 `AiterCustomAllreduce` (vllm/distributed/device_communicators/aiter_custom_all_reduce.py)."""
-
-    aiter_ca: Any
-    disabled: bool = False
-    max_bytes: int = 8192 * 1024 * 8
-    one_stage_queries: int = 0
-
-    def should_custom_ar(self, inp: torch.Tensor) -> bool:
-        return inp.numel() * inp.element_size() <= self.max_bytes
-
-    @property
-    def supports_dynamic_hidden_dim(self) -> bool:
-        return hasattr(self.aiter_ca, "_pool")
-
-    @staticmethod
-    def effective_max_size() -> int:
-        return 8192 * 1024 * 8
-
-    def use_1stage_fused_ar_rms(self, inp: torch.Tensor) -> bool:
-        # The real decision (aiter_custom_all_reduce.py:90-122) for a fully connected group.
-        self.one_stage_queries += 1
-        hidden = inp.shape[-1]
-        if inp.numel() // hidden > 80:
-            return False
-        total = inp.numel() * inp.element_size()
-        w = self.aiter_ca.world_size
-        return w == 2 or (w <= 4 and total < 256 * 1024) or (w <= 8 and total < 128 * 1024)
-
-
-# ----------------------------------------------------------------------------- norms
-class M3Norm(torch.nn.Module):
-    """Stand-in for M3's ROCm `MiniMAXGemmaRMSNorm` (model.py:242-271): fp32, scale 1 + weight."""
-
-    def __init__(self, hidden: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(hidden))
-        self.variance_epsilon = eps
-        self.calls = 0
-
-    def forward(self, x, residual=None):
-        self.calls += 1
-        if residual is None:
-            xf = x.float()
-            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-                    * (1.0 + self.weight.float())).to(x.dtype)
-        s = x.float() + residual.float()
-        out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1.0 + self.weight.float())
-        return out.to(x.dtype), s.to(x.dtype)
-
-
-M3Norm.__name__ = M3Norm.__qualname__ = "MiniMAXGemmaRMSNorm"
-M3Norm.__module__ = M3_MODULE
-
-
-class OtherGemmaNorm(M3Norm):
-    """Same math, different class: must never take the M3 path."""
-
-
-OtherGemmaNorm.__name__ = OtherGemmaNorm.__qualname__ = "GemmaRMSNorm"
-OtherGemmaNorm.__module__ = "vllm.model_executor.layers.layernorm"
+from fusion_standins import OtherGemmaNorm, SimTP, module_from_source, rms_norm
 
 
 # ----------------------------------------------------------------------------- stage
@@ -236,8 +74,7 @@ class Stage:
                     st.upstream_op_calls.append(dict(rank=st.tp.rank, tokens=input_.shape[0], gemma_norm=gemma_norm))
                     s = st.tp.all_reduce(input_).float() + residual.float()
                     scale = (1.0 + weight.float()) if gemma_norm else weight.float()
-                    out = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + epsilon) * scale
-                    return out.to(input_.dtype), s.to(input_.dtype)
+                    return rms_norm(s, scale, epsilon).to(input_.dtype), s.to(input_.dtype)
                 return op
 
         tp = self.tp
@@ -289,37 +126,4 @@ class staged:
 
 def load_helper(source: str, name: str = "m3_helper_under_test") -> types.ModuleType:
     """Execute the helper's source (call inside `staged`); returns the module."""
-    module = types.ModuleType(name)
-    module.__file__ = f"<{name}>"
-    code = compile(source, module.__file__, "exec")
-    exec(code, module.__dict__)
-    return module
-
-
-# ----------------------------------------------------------------------------- model code
-def class_node(tree: ast.Module, name: str) -> ast.ClassDef:
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            return node
-    raise KeyError(name)
-
-
-def method_node(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
-    for node in class_node(tree, cls).body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            return node
-    raise KeyError(f"{cls}.{name}")
-
-
-def compile_functions(nodes: list[ast.stmt], globals_: dict, filename: str) -> dict:
-    """Compile top-level copies of the given function nodes (decorators dropped) in globals_."""
-    body = []
-    for n in nodes:
-        n = ast.fix_missing_locations(ast.parse(ast.unparse(n)).body[0])
-        if isinstance(n, ast.FunctionDef):
-            n.decorator_list = []
-        body.append(n)
-    mod = ast.Module(body=body, type_ignores=[])
-    ns = dict(globals_)
-    exec(compile(ast.fix_missing_locations(mod), filename, "exec"), ns)
-    return ns
+    return module_from_source(source, name, f"<{name}>")

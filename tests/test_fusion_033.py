@@ -20,20 +20,18 @@ import pytest
 import torch
 
 import realvllm
-from fusion_harness_033 import (
+from fusion_harness_033 import Stage, load_helper, staged
+from fusion_standins import (
     FakeAiterCA,
     FakeAiterCANoStage,
     FakeAiterWrapper,
     M3Norm,
     OtherGemmaNorm,
     SimTP,
-    Stage,
     class_node,
     compile_functions,
-    load_helper,
     method_node,
     rms_ref,
-    staged,
 )
 from m3fuse.errors import PatchSetError
 

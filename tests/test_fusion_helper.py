@@ -8,17 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_harness import (
-    SET_IDS,
-    SETS,
-    FakeAiterCA,
-    FakeAiterCANoStage,
-    M3Norm,
-    OtherGemmaNorm,
-    SimTP,
-    Stage,
-    load_helper,
-)
+from fusion_harness import SET_IDS, SETS, Stage, load_helper
+from fusion_standins import FakeAiterCA, FakeAiterCANoStage, M3Norm, OtherGemmaNorm, SimTP
 
 H = 64
 EPS = 1e-6

@@ -15,7 +15,6 @@ import realvllm
 from fusion_harness import (
     SET_IDS,
     SETS,
-    SimTP,
     Stage,
     ToyConfig,
     build_model,
@@ -26,6 +25,7 @@ from fusion_harness import (
     pristine_text,
     run_forward,
 )
+from fusion_standins import SimTP
 from m3fuse.errors import PatchSetError
 from m3fuse.hunks import apply_patch
 
