@@ -13,7 +13,7 @@ from . import __version__, engine, mutex, resources
 from .errors import (EXIT_CODES_HELP, EXIT_DRIFT, EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, M3fuseError,
                      UsageProblem)
 from .patchset import load_all
-from .report import paths_json, tree_json, tree_table
+from .report import tree_json, tree_table
 from .target import locate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -110,34 +110,7 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
                 dry_run: bool, lock_timeout: float, echo: Callable[[str], None]) -> tuple[engine.TreeState, dict]:
     vllm = locate(python=python, vllm_root=vllm_root)
     sets = load_all(patches_dir or resources.patches_dir())
-    # Decide under the lock: a state read before waiting for another run would be stale.
-    with mutex.hold(vllm.root / "vllm", timeout=lock_timeout):
-        tree = engine.inspect(vllm, sets)
-        changes = engine.plan(tree, goal)
-        actions: dict[str, Any] = {"changed": [c.file.target.path for c in changes], "dry_run": dry_run}
-        if dry_run:
-            for c in changes:
-                echo(f"would make {c.file.target.path} {goal} (now {c.file.state})")
-            return tree, actions
-        actions["removed_temp_files"] = paths_json(engine.clean_leftovers(tree))
-        engine.execute(changes)
-        for c in changes:
-            echo(f"{goal}: {c.file.target.path}")
-        after = engine.inspect(vllm, sets)
-        # Bytecode an earlier tool left behind is repaired even when no file needed writing.
-        stale = [f for f in after.files if f.stale_bytecode]
-        for f in stale:
-            from .fingerprint import remove_bytecode
-
-            remove_bytecode(f.path)
-        if stale:
-            after = engine.inspect(vllm, sets)
-        if after.state != goal or after.problems:
-            raise M3fuseError(f"after writing, {vllm.root} is {after.state}, not {goal} "
-                              f"({'; '.join(after.problems) or 'no other detail'}). Run the command again.")
-        if not changes:
-            echo(f"nothing to do: already {goal}")
-        return after, actions
+    return engine.converge(vllm, sets, goal, dry_run=dry_run, lock_timeout=lock_timeout, echo=echo)
 
 
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)

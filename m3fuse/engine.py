@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import atomic
+from . import atomic, mutex
 from .errors import DriftError, EnvironmentProblem, PatchSetError, UnsupportedError
-from .fingerprint import record_hashes_for, sha256_bytes, sha256_file, stale_bytecode
+from .fingerprint import record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
 from .target import VllmTarget
@@ -290,3 +292,40 @@ def execute(changes: list[Change]) -> None:
             f"{exc.path}: replacing it failed ({why}) after {done} had been replaced. Every file is "
             f"whole (pristine or patched) and `m3fuse verify` reports the tree as partial. Fix the "
             f"cause and run the same command again to finish.") from exc
+
+
+def converge(vllm: VllmTarget, sets: list[PatchSet], goal: str, *, dry_run: bool = False,
+             lock_timeout: float = mutex.DEFAULT_TIMEOUT,
+             echo: Callable[[str], None] = lambda _: None) -> tuple[TreeState, dict[str, Any]]:
+    """Bring the tree to `goal` (patched or pristine) as one locked transaction and prove it.
+
+    Returns the state after, and what was done. Finishes a partial tree, removes temp files
+    of an interrupted run and stale bytecode, and is a no-op on a tree already at `goal`."""
+    # Decide under the lock: a state read before waiting for another run would be stale.
+    with mutex.hold(vllm.root / "vllm", timeout=lock_timeout):
+        tree = inspect(vllm, sets)
+        changes = plan(tree, goal)
+        actions: dict[str, Any] = {"changed": [c.file.target.path for c in changes], "dry_run": dry_run}
+        if dry_run:
+            for c in changes:
+                echo(f"would make {c.file.target.path} {goal} (now {c.file.state})")
+            return tree, actions
+        actions["removed_temp_files"] = [str(p) for p in clean_leftovers(tree)]
+        execute(changes)
+        for c in changes:
+            echo(f"{goal}: {c.file.target.path}")
+        after = inspect(vllm, sets)
+        # Bytecode an earlier tool left behind is repaired even when no file needed writing.
+        stale = [f for f in after.files if f.stale_bytecode]
+        for f in stale:
+            remove_bytecode(f.path)
+        if stale:
+            after = inspect(vllm, sets)
+        if after.state != goal or after.problems:
+            raise EnvironmentProblem(
+                f"after writing, {vllm.root} is {after.state}, not {goal} "
+                f"({'; '.join(after.problems) or 'no other detail'}); another process may be writing "
+                f"to the tree. Run the command again.")
+        if not changes:
+            echo(f"nothing to do: already {goal}")
+        return after, actions

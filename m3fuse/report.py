@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .engine import TreeState
@@ -47,6 +46,3 @@ def tree_table(tree: TreeState) -> str:
         lines.append(f"  problem: {p}")
     return "\n".join(lines)
 
-
-def paths_json(paths: list[Path]) -> list[str]:
-    return [str(p) for p in paths]
