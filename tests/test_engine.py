@@ -287,3 +287,18 @@ def test_shipped_sets_refuse_a_release_they_were_not_made_for(version, vllm_tree
     assert f"{realvllm.HELPER} is pristine" in r.stderr  # the closest set's helper matches ...
     assert sha(root / realvllm.MODEL) in r.stderr  # ... its model does not, and says what it is
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("version", RELEASES)
+def test_shipped_set_round_trip_on_the_real_release(version, vllm_tree):
+    """The shipped set (no --patches) on the real release: patched, verified, and reverted to
+    files the vLLM wheel's own RECORD vouches for."""
+    root = vllm_tree(version)
+    before = snapshot(root)
+    code, out = cli_json("install", "--no-wheels", "--vllm-root", str(root))
+    assert code == 0 and out["set"] == f"vllm-{version}" and out["state"] == "patched", out
+    assert all(f["record"] == "differs" for f in out["files"])
+    assert run_cli("verify", "--no-wheels", "--vllm-root", str(root)).returncode == 0
+    code, out = cli_json("revert", "--vllm-root", str(root))
+    assert code == 0 and all(f["record"] == "match" for f in out["files"])
+    assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
