@@ -1,7 +1,7 @@
 """The vllm-0.33.0 patch set: real-file round trip, helper behaviour on CPU torch, model `ast`
 checks, the patched model `forward` run on a simulated TP group, and 0.30-0.32 drift.
 
-Helper stand-ins live in tests/fusion_harness_033.py (see its docstring).
+Helper stand-ins: tests/fusion_harness_033.py (0.33.0 Stage) over tests/fusion_standins.py (shared).
 """
 
 from __future__ import annotations
