@@ -35,7 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +92,6 @@ class Figure:
     baseline: dict | None = None
     note: str = ""
     skipped: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
@@ -117,7 +116,7 @@ class Figure:
                "ratio_definition": ("m3fuse median / baseline median (wall time)" if self.kind == "wall" else
                                     "baseline median time / m3fuse median time (= throughput ratio)"),
                "goal": self.goal_text(), "ratio": self.ratio, "pass": self.passed, "note": self.note,
-               "skipped": self.skipped or None, "size_bytes": self.size_bytes, **self.extra}
+               "skipped": self.skipped or None, "size_bytes": self.size_bytes}
         for side in ("m3fuse", "baseline"):
             st = getattr(self, side)
             out[side] = st
@@ -330,13 +329,13 @@ def fig_latency(s: Setup, cfg: Config, only: list[str]) -> list[Figure]:
 
 
 def fig_hashing(s: Setup, cfg: Config) -> Figure:
-    from m3fuse import fetch, fingerprint
+    from m3fuse import fingerprint
 
     s.log("hashing ...")
     p = s.hash_file
 
     def m3() -> None:
-        fetch.hash_file(p)
+        fingerprint.hash_file(p)
 
     def base() -> None:
         with open(p, "rb") as f:
@@ -350,12 +349,9 @@ def fig_hashing(s: Setup, cfg: Config) -> Figure:
                 h.update(mv[:n])
 
     a, b = measure(m3, base, cfg.big_reps, 1)
-    # The other hashing routine (patched files, fingerprint.sha256_file), for the record.
-    fp, _ = measure(lambda: fingerprint.sha256_file(p), base, max(1, cfg.big_reps // 2), 0)
     size = p.stat().st_size
-    return Figure("hashing", "hashing", f"m3fuse.fetch.hash_file of a {size // MiB} MiB file (page cache warm)",
-                  "hashlib.file_digest(f, 'sha256') in the same process", "throughput", 0.95, size, a, b,
-                  extra={"fingerprint_sha256_file": fp})
+    return Figure("hashing", "hashing", f"m3fuse.fingerprint.hash_file (every m3fuse hash: downloads, wheels, patched files) of a {size // MiB} MiB file (page cache warm)",
+                  "hashlib.file_digest(f, 'sha256') in the same process", "throughput", 0.95, size, a, b)
 
 
 def fig_download(s: Setup, cfg: Config) -> Figure:

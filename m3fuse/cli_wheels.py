@@ -63,7 +63,8 @@ def lock_group() -> None:
 def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record_url: str | None) -> None:
     """Pin the wheel at SOURCE (a URL or a local file): compute its sha256 and size, read its
     name and version from its metadata, and add or update the entry in the lock."""
-    from .fetch import FetchConfig, download, hash_file
+    from .fetch import FetchConfig, download
+    from .fingerprint import hash_file
     from .lock import url_filename
     from .wheelcheck import check_members, read_metadata
 
@@ -109,7 +110,8 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
 @click.option("--write-sizes", is_flag=True, help="Record the verified size of wheels the lock gives none for.")
 def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool) -> None:
     """Download every pinned wheel again (bypassing the cache) and confirm hash and size."""
-    from .fetch import FetchConfig, download, hash_file, local_source, mismatch_message
+    from .fetch import FetchConfig, download, local_source, mismatch_message
+    from .fingerprint import hash_file
     from .lock import set_size
 
     lock_path = lock_path or default_lock()

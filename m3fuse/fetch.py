@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .errors import EnvironmentProblem, IntegrityError
+from .fingerprint import hash_file
 from .lock import LockedWheel
 
 CHUNK = 1 << 20  # local reads and hashing
@@ -68,18 +68,6 @@ def cache_path(root: Path, wheel: LockedWheel) -> Path:
     # Content-addressed by the pin; the file keeps its wheel name because pip reads the tags
     # and the distribution from the file name.
     return root / "wheels" / "sha256" / wheel.sha256[:2] / wheel.sha256 / wheel.name
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    buf = bytearray(CHUNK)  # one buffer read into again and again: no new bytes object per chunk
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while k := f.readinto(buf):
-            h.update(view[:k])
-            n += k
-    return h.hexdigest(), n
 
 
 def _fmt_size(n: int | None) -> str:

@@ -18,16 +18,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
+def hash_file(path: Path) -> tuple[str, int]:
+    """sha256 hex and size of the bytes actually read: the size is of what was hashed, so a
+    file that changes under us cannot pair one file's digest with another's length."""
+    h = hashlib.sha256()
+    n = 0
+    buf = bytearray(_CHUNK)  # one buffer read into again and again: no new bytes object per chunk
+    view = memoryview(buf)
     with open(path, "rb") as f:
-        if hasattr(hashlib, "file_digest"):  # 3.11+: OpenSSL reads straight into its buffer
-            return hashlib.file_digest(f, "sha256").hexdigest()
-        h = hashlib.sha256()
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-        return h.hexdigest()
+        while k := f.readinto(buf):
+            h.update(view[:k])
+            n += k
+    return h.hexdigest(), n
+
+
+def sha256_file(path: Path) -> str:
+    return hash_file(path)[0]
 
 
 def is_sha256_hex(value: object) -> bool:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import EnvironmentProblem, IntegrityError
-from .fetch import FetchConfig, hash_file, obtain
+from .fetch import FetchConfig, obtain
+from .fingerprint import hash_file
 from .lock import Lock, LockedPackage, LockedWheel, load_lock
 from .wheelcheck import check_wheel, select_wheel, target_tags
 from .wheelinstall import pip_install, probe, state_of, verify_wheels

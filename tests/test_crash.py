@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 
 import faultkit
-import realvllm
 from faultkit import FULL
 
 RELEASES = ["0.24.0", "0.26.0", "0.33.0"]

@@ -16,7 +16,7 @@ from m3fuse.cli_wheels import fetch_command, lock_group
 from m3fuse.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, IntegrityError
 from m3fuse.lock import load_lock
 from m3fuse.wheelcheck import WheelCheckError
-from m3fuse.wheels import WheelOptions, fetch_only, install_pinned, verify_pinned
+from m3fuse.wheels import WheelOptions, install_pinned, verify_pinned
 
 from wheelkit import (FaultServer, aiter_wheel, build_wheel, cache_is_clean, clone_venv, installed, lock_text,
                       make_venv, real_flydsl, real_old_aiter, sha256_of)
