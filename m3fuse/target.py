@@ -63,10 +63,16 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
     return VllmTarget(root, meta_version or version, python, dist_info)
 
 
-def query_interpreter(python: str, code: str, *, what: str) -> dict:
-    """Run `code` in another interpreter and parse the one JSON line it prints."""
-    # The child runs in "/" (so no vllm/ in the caller's directory can shadow the installed
-    # one); a relative path or a bare command name must be resolved against the caller first.
+def query_interpreter(python: str, code: str, *, what: str, args: list[str] | None = None,
+                      timeout: float = 120) -> dict:
+    """Run `code` in another interpreter and parse the one JSON object it prints last.
+
+    Every question m3fuse asks a target interpreter (where is vllm, which wheel tags, which
+    packages are installed) goes through here, so all of them resolve --python the same way
+    and fail with the same words."""
+    # The child runs in "/" (so no vllm/ or other package folder in the caller's directory can
+    # shadow an installed one); a relative path or a bare command name must be resolved
+    # against the caller first.
     if os.sep in python:
         python = os.path.abspath(python)
     else:
@@ -76,31 +82,31 @@ def query_interpreter(python: str, code: str, *, what: str) -> dict:
     import json  # here, not at the top: the default target (this interpreter) needs neither
     import subprocess
 
+    hint = f"Pass a working Python interpreter with --python (e.g. /opt/venv/bin/python) to {what}."
     try:
-        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
-                              cwd="/", env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
+        proc = subprocess.run([python, "-c", code, *(args or [])], capture_output=True, text=True,
+                              timeout=timeout, cwd="/",
+                              env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
     except FileNotFoundError as exc:
-        raise EnvironmentProblem(f"--python {python}: no such file. Pass the path of the interpreter of "
-                                 f"the environment to {what}, e.g. /opt/venv/bin/python.") from exc
+        raise EnvironmentProblem(f"The target Python {python} does not exist (no such file). {hint}") from exc
     except PermissionError as exc:
-        raise EnvironmentProblem(f"--python {python}: not executable ({exc.strerror}). Pass a Python "
-                                 f"interpreter, e.g. /opt/venv/bin/python.") from exc
+        raise EnvironmentProblem(f"The target Python {python} is not executable ({exc.strerror}). {hint}") from exc
     except OSError as exc:
-        raise EnvironmentProblem(f"--python {python}: cannot run it ({exc.strerror or exc}). Pass a Python "
-                                 f"interpreter, e.g. /opt/venv/bin/python.") from exc
+        raise EnvironmentProblem(f"The target Python {python} cannot be run ({exc.strerror or exc}). {hint}") from exc
     except subprocess.TimeoutExpired as exc:
-        raise EnvironmentProblem(f"--python {python}: did not answer within 120 s while asked to {what}.") from exc
+        raise EnvironmentProblem(f"The target Python {python} did not answer within {timeout:g} s "
+                                 f"when asked to {what}.") from exc
     line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
     try:
         data = json.loads(line[0]) if line else None
     except json.JSONDecodeError:
         data = None
     if not isinstance(data, dict):
-        detail = (proc.stderr or proc.stdout).strip()[-400:]
+        detail = (proc.stderr or proc.stdout).strip()[-1500:]
         raise EnvironmentProblem(
-            f"--python {python}: expected a Python >= 3.8 interpreter, but running it exited "
-            f"{proc.returncode} without the expected answer ({detail or 'no output'}). Pass the "
-            f"interpreter of the environment that holds vLLM.")
+            f"The target Python {python}, asked to {what}, exited {proc.returncode} without the "
+            f"expected answer ({detail or 'no output'}). It must be a working Python >= 3.8 with pip "
+            f"installed. {hint}")
     return data
 
 

@@ -8,9 +8,6 @@ the patched vLLM calls is really there.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable
@@ -20,9 +17,10 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import EnvironmentProblem, IntegrityError
 from .lock import LockedPackage, LockedWheel
+from .target import query_interpreter
 
 # ast, zipfile and email.parser are imported by the checks that use them: `m3fuse verify`
-# imports this module (for run_target) and must not pay for them.
+# imports this module (for target_tags) and must not pay for them.
 if TYPE_CHECKING:
     import ast
     import zipfile
@@ -48,35 +46,13 @@ print(json.dumps({"tags": [str(t) for t in tags.sys_tags()],
 """
 
 
-def run_target(python: str, script: str, args: list[str] | None = None, timeout: float = 300) -> str:
-    """Run a snippet in the target interpreter from an empty folder (so nothing in the
-    caller's working directory shadows installed packages); return its stdout."""
-    with tempfile.TemporaryDirectory(prefix="m3fuse-probe-") as cwd:
-        try:
-            proc = subprocess.run([python, "-c", script, *(args or [])], capture_output=True, text=True,
-                                  cwd=cwd, timeout=timeout)
-        except FileNotFoundError:
-            raise EnvironmentProblem(
-                f"The target Python {python} does not exist. Pass the interpreter of the environment "
-                f"to change with --python PATH (for a venv: /path/to/venv/bin/python).") from None
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise EnvironmentProblem(f"The target Python {python} could not be run ({exc}). Check the "
-                                     f"path given with --python.") from None
-    if proc.returncode != 0:
-        raise EnvironmentProblem(
-            f"The target Python {python} failed while m3fuse inspected it (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-1500:]} Check that it is a working Python with pip installed.")
-    return proc.stdout
-
-
 @lru_cache(maxsize=None)
 def target_tags(python: str) -> tuple[str, ...]:
     """The target interpreter's supported tags, most preferred first."""
-    out = run_target(python, _TAGS_SCRIPT, timeout=60)
-    try:
-        return tuple(json.loads(out.strip().splitlines()[-1])["tags"])
-    except (ValueError, KeyError, IndexError):
-        raise EnvironmentProblem(f"The target Python {python} printed no tag list; got {out[-300:]!r}.") from None
+    tags = query_interpreter(python, _TAGS_SCRIPT, what="report its wheel tags", timeout=60).get("tags")
+    if not isinstance(tags, list) or not tags:
+        raise EnvironmentProblem(f"The target Python {python} printed no tag list; is its pip intact?")
+    return tuple(tags)
 
 
 def select_wheel(pkg: LockedPackage, tags: tuple[str, ...], lock_path: Path, python: str) -> LockedWheel:

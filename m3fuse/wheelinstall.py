@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import EnvironmentProblem
 from .lock import Lock
-from .wheelcheck import run_target
+from .target import query_interpreter
 
 # Runs in the target interpreter; argv[1] is a JSON list of distribution names, argv[2] the
 # JSON list of those whose RECORD is to be checked (never torch: gigabytes, and not ours).
@@ -71,12 +71,8 @@ print(json.dumps(out))
 def probe(python: str, names: list[str], *, record: list[str] | None = None) -> dict[str, dict | None]:
     """{name: None if not installed, else {"version", "problems", "files"}}; RECORD hashes are
     checked for the names in `record` (default: all of `names`)."""
-    out = run_target(python, _PROBE_SCRIPT, [json.dumps(names), json.dumps(names if record is None else record)])
-    try:
-        return json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise EnvironmentProblem(f"The target Python {python} gave no usable answer about its installed "
-                                 f"packages; got {out[-300:]!r}.") from None
+    return query_interpreter(python, _PROBE_SCRIPT, what="report its installed packages", timeout=300,
+                             args=[json.dumps(names), json.dumps(names if record is None else record)])
 
 
 def state_of(info: dict | None, version: str) -> str:
