@@ -101,6 +101,8 @@ def replace_files(items: list[tuple[Path, bytes]]) -> None:
     Phase 2 drops the bytecode of every target, then only renames, which needs no space. A
     crash during phase 2 leaves each file old or new whole (the "partial" state the engine
     finishes); a crash during phase 1 leaves only temp files, which the next run removes.
+    Each rename gives the target a new inode, which also breaks hard links that some installers
+    use to share one file between environments: another environment is never edited through us.
     Raises WriteFailed for an OSError.
     """
     staged: list[tuple[Path, Path]] = []
@@ -139,9 +141,3 @@ def replace_files(items: list[tuple[Path, bytes]]) -> None:
         raise WriteFailed(current, exc, replaced) from exc
     _checkpoint("done")
 
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that any reader, or a crash at any instant, sees either the old
-    file or the new one whole. A new inode also breaks hard links that some installers use to
-    share one file between environments, so another environment is never edited through us."""
-    replace_files([(path, data)])

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import atomic, mutex
 from .errors import DriftError, EnvironmentProblem, PatchSetError, UnsupportedError
-from .fingerprint import record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
+from .fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
 from .target import VllmTarget
@@ -84,7 +84,7 @@ def _summarise(files: list[FileState]) -> str:
     return DRIFTED
 
 
-def inspect(vllm: VllmTarget, sets: list[PatchSet], *, deep: bool = True) -> TreeState:
+def inspect(vllm: VllmTarget, sets: list[PatchSet]) -> TreeState:
     """Read-only: fingerprint the tree against every set and pick the one it matches."""
     cache: dict[str, tuple[str, str | None]] = {}
     per_set = [(s, [_file_state(vllm.root, t, cache) for t in s.targets]) for s in sets]
@@ -110,15 +110,14 @@ def inspect(vllm: VllmTarget, sets: list[PatchSet], *, deep: bool = True) -> Tre
         pset, files = max(pool, key=lambda sf: sum(f.state in (PRISTINE, PATCHED) for f in sf[1]))
         state = DRIFTED if for_version else UNSUPPORTED
     tree = TreeState(vllm, pset, files, state, sets)
-    if deep:
-        record = (record_hashes_for(vllm.dist_info, {f.target.path for f in files}) if vllm.dist_info else None)
-        for f in files:
-            if record is not None:
-                want = record.get(f.target.path)
-                f.record = "unlisted" if want is None else "match" if want == f.sha256 else "differs"
-            f.stale_bytecode = [f"{b.path.name}: {b.reason}" for b in stale_bytecode(f.path)]
-        dirs = sorted({f.path.parent for f in files})
-        tree.leftovers = [p for d in dirs for p in atomic.leftovers(d)]
+    record = (record_hashes_for(vllm.dist_info, {f.target.path for f in files}) if vllm.dist_info else None)
+    for f in files:
+        if record is not None:
+            want = record.get(f.target.path)
+            f.record = "unlisted" if want is None else "match" if want == f.sha256 else "differs"
+        f.stale_bytecode = [f"{b.path.name}: {b.reason}" for b in stale_bytecode(f.path)]
+    dirs = sorted({f.path.parent for f in files})
+    tree.leftovers = [p for d in dirs for p in atomic.leftovers(d)]
     return tree
 
 
@@ -163,7 +162,6 @@ def refuse_unless_known(tree: TreeState) -> None:
 class Change:
     file: FileState
     new_data: bytes
-    new_state: str
 
 
 def plan(tree: TreeState, goal: str) -> list[Change]:
@@ -197,7 +195,7 @@ def plan(tree: TreeState, goal: str) -> list[Change]:
             except SyntaxError as exc:
                 raise PatchSetError(f"{t.patch_file}: the {goal} {t.path} does not compile ({exc.msg}, line "
                                     f"{exc.lineno}); nothing was changed.") from exc
-        changes.append(Change(f, new, goal))
+        changes.append(Change(f, new))
     _preflight(changes)
     return changes
 
@@ -242,8 +240,6 @@ def _preflight(changes: list[Change]) -> None:
                     f"{where}: not writable by this user (uid {os.getuid()}){_ro_hint(where)}, so "
                     f"{c.file.path.name} cannot be replaced. Nothing was changed. Run m3fuse as the owner "
                     f"of the vLLM install (in a container build, as root) or make the tree writable.")
-        from .fingerprint import bytecode_files
-
         for where in (c.file.path, d, *bytecode_files(c.file.path)):
             flag = _locked_flags(where)
             if flag:
