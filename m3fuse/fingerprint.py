@@ -95,18 +95,15 @@ class StaleBytecode:
     reason: str
 
 
-def _pyc_candidates(source: Path) -> list[Path]:
-    cache = source.parent / "__pycache__"
+def bytecode_files(source: Path) -> list[Path]:
+    """Every cached bytecode file that belongs to `source`, for any interpreter tag
+    (`<stem>.<tag>[.opt-N].pyc`; `<stem>.pyc` alone is not Python's cache layout)."""
+    stem = source.stem + "."
     try:
-        return sorted(p for p in cache.iterdir() if p.name.startswith(source.stem + ".") and p.suffix == ".pyc")
+        names = sorted(p for p in (source.parent / "__pycache__").iterdir())
     except OSError:
         return []
-
-
-def bytecode_files(source: Path) -> list[Path]:
-    """Every cached bytecode file that belongs to `source`, for any interpreter tag."""
-    stem = source.stem + "."
-    return [p for p in _pyc_candidates(source) if p.name[len(stem):].count(".") >= 1]
+    return [p for p in names if p.name.startswith(stem) and p.suffix == ".pyc" and p.name[len(stem):].count(".") >= 1]
 
 
 def stale_bytecode(source: Path) -> list[StaleBytecode]:
