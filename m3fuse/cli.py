@@ -10,8 +10,7 @@ from typing import Any
 import click
 
 from . import __version__, engine, mutex, resources
-from .errors import (EXIT_CODES_HELP, EXIT_DRIFT, EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, M3fuseError,
-                     UsageProblem)
+from .errors import EXIT_CODES_HELP, EXIT_OK, M3fuseError, UsageProblem
 from .patchset import load_all
 from .report import tree_json, tree_table
 from .target import locate
@@ -183,34 +182,14 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
     def body() -> int:
         tree = _tree(python, vllm_root, patches_dir)
         out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
-        failures: list[str] = []
-        code = EXIT_OK
-        if tree.state in (engine.DRIFTED, engine.UNSUPPORTED):
-            try:
-                engine.refuse_unless_known(tree)
-            except M3fuseError as exc:
-                failures.append(exc.message)
-                code = exc.exit_code
-        elif tree.state != expect:
-            hint = ("an interrupted run left it half done; run `m3fuse install` or `m3fuse revert` to finish"
-                    if tree.state == engine.PARTIAL else
-                    f"run `m3fuse {'install' if expect == engine.PATCHED else 'revert'}`")
-            failures.append(f"vLLM at {tree.vllm.root} is {tree.state}, expected {expect}: {hint}.")
-            code = EXIT_DRIFT
-        if tree.problems:
-            failures += tree.problems
-            code = code or EXIT_DRIFT
+        failures, code = engine.judge(tree, expect)
         if not no_wheels and expect == engine.PATCHED:
             from . import wheels
             results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable)
             out["wheels"] = results
-            bad = [r for r in results if r.get("state") != "ok"]
-            for r in bad:
-                failures.append(f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}")
-            if bad and not code:
-                # Edited files of an installed wheel are an integrity failure; a missing or
-                # other-version package is an environment that was never set up.
-                code = EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
+            wheel_failures, wheel_code = wheels.judge(results)
+            failures += wheel_failures
+            code = code or wheel_code
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
         if as_json:

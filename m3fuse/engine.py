@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic, mutex
-from .errors import DriftError, EnvironmentProblem, PatchSetError, UnsupportedError
+from .errors import (EXIT_DRIFT, EXIT_OK, DriftError, EnvironmentProblem, M3fuseError, PatchSetError,
+                     UnsupportedError)
 from .fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
@@ -156,6 +157,29 @@ def refuse_unless_known(tree: TreeState) -> None:
             f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its files.{closest} "
             f"Supported sets: {supported}. Nothing was changed. Install one of those releases, or add "
             f"a patch set for this one under patches/.")
+
+
+def judge(tree: TreeState, expect: str) -> tuple[list[str], int]:
+    """What `verify` reports for `tree` when it must be `expect`: the failures and the exit code
+    (0 when there are none)."""
+    failures: list[str] = []
+    code = EXIT_OK
+    if tree.state in (DRIFTED, UNSUPPORTED):
+        try:
+            refuse_unless_known(tree)
+        except M3fuseError as exc:
+            failures.append(exc.message)
+            code = exc.exit_code
+    elif tree.state != expect:
+        hint = ("an interrupted run left it half done; run `m3fuse install` or `m3fuse revert` to finish"
+                if tree.state == PARTIAL else
+                f"run `m3fuse {'install' if expect == PATCHED else 'revert'}`")
+        failures.append(f"vLLM at {tree.vllm.root} is {tree.state}, expected {expect}: {hint}.")
+        code = EXIT_DRIFT
+    if tree.problems:
+        failures += tree.problems
+        code = code or EXIT_DRIFT
+    return failures, code
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import EnvironmentProblem, IntegrityError
+from .errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError
 from .fetch import FetchConfig, obtain
 from .fingerprint import hash_file
 from .lock import Lock, LockedPackage, LockedWheel, load_lock
@@ -148,6 +148,18 @@ def verify_pinned(lock_path: Path, python: str) -> list[dict]:
     """Per pinned package: name, expected_version, installed_version, state ("ok", "missing",
     "wrong-version", "record-mismatch"), ok, record_files, problems. Never imports requests."""
     return verify_wheels(load_lock(lock_path), python)
+
+
+def judge(results: list[dict]) -> tuple[list[str], int]:
+    """What `verify` reports for `verify_pinned` results: the failures and the exit code (0 when
+    there are none)."""
+    bad = [r for r in results if r.get("state") != "ok"]
+    failures = [f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}" for r in bad]
+    if not bad:
+        return failures, EXIT_OK
+    # Edited files of an installed wheel are an integrity failure; a missing or other-version
+    # package is an environment that was never set up.
+    return failures, EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
 
 
 def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _quiet) -> list[Path]:
