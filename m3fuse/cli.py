@@ -134,6 +134,10 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
         if no_wheels and no_patches:
             raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
         out: dict[str, Any] = {"ok": True, "command": "install"}
+        if not no_wheels and not no_patches:
+            # A vLLM the patches will refuse (missing, drifted, unsupported) or a broken patch set
+            # is found before the wheels change the environment, not after.
+            engine.refuse_unless_known(_tree(python, vllm_root, patches_dir))
         if not no_wheels:
             from . import wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,

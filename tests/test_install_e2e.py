@@ -69,3 +69,25 @@ def test_wheels_then_patches_and_verify_both(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert init.read_text() == "X = 1\n"
     assert run_cli("verify", *base).returncode == 0
+
+
+def test_a_vllm_the_patches_refuse_gets_no_wheels_either(tmp_path, vllm_tree):
+    """Drift is found before the wheel step changes the environment (file:// pins: no server)."""
+    root = vllm_tree("0.26.0")
+    with open(root / realvllm.MODEL, "a") as f:
+        f.write("# local edit\n")
+    py = venvs.make_venv(tmp_path / "venv")
+    fly = build_wheel(tmp_path / "w", "flydsl", FLY_V, {"flydsl/__init__.py": "X = 1\n"})
+    aiter = aiter_wheel(tmp_path / "w", AITER_V)
+    lock = tmp_path / "test.lock"
+    lock.write_text(lock_text([("flydsl", FLY_V, [(fly, fly.as_uri())]), ("amd-aiter", AITER_V, [(aiter, aiter.as_uri())])]))
+    r = run_cli("install", "--lock", str(lock), "--python", str(py), "--vllm-root", str(root),
+                "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 3 and "drifted" in r.stderr, r.stderr
+    assert installed(py, "flydsl") is None and installed(py, "amd-aiter") is None
+    # The same lock installs fine once the tree is the release again.
+    (root / realvllm.MODEL).write_bytes(realvllm.read_member("0.26.0", realvllm.MODEL))
+    r = run_cli("install", "--lock", str(lock), "--python", str(py), "--vllm-root", str(root),
+                "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert installed(py, "flydsl") == FLY_V
