@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from . import __version__, engine, mutex, resources
+from . import __version__, resources
+from .patching import engine, mutex
 from .errors import EXIT_CODES_HELP, EXIT_OK, M3fuseError, UsageProblem
-from .patchset import load_all
-from .report import tree_json, tree_table
+from .patching.patchset import load_all
+from .patching.report import tree_json, tree_table
 from .target import locate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

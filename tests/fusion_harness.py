@@ -3,7 +3,7 @@
 Parameterised by patch set: add a `FusionSet` to `SETS` to cover another release.
 
 - The patched text of a file is the committed diff applied (with the engine's
-  `m3fuse.hunks.apply_patch`) to the real release file from `tests/realvllm.py`.
+  `m3fuse.patching.hunks.apply_patch`) to the real release file from `tests/realvllm.py`.
 - The stand-ins shared with the 0.33.0 harness (`SimTP`, `FakeAiterCA`, `FakeAiterWrapper`,
   `M3Norm`, `OtherGemmaNorm`, RMSNorm math, ast helpers) live in `tests/fusion_standins.py`.
   The `FakeAiterCA`s built here keep the cross-rank sum in fp32 before the residual add.
@@ -40,7 +40,7 @@ from fusion_standins import (
     rms_norm,
     top_level,
 )
-from m3fuse.hunks import apply_patch
+from m3fuse.patching.hunks import apply_patch
 
 REPO = Path(__file__).resolve().parent.parent
 INTERFACES = "vllm/model_executor/models/interfaces.py"

@@ -8,7 +8,7 @@ at random moments, on real vLLM release trees, and prove after every kill that
 - a second `install` or `revert` finishes (or undoes) the job: exit 0, the goal state, no temp
   files, `verify` clean.
 
-Deterministic kills use the test-only hook in m3fuse/atomic.py (M3FUSE_TEST_KILL_AT=N kills
+Deterministic kills use the test-only hook in m3fuse/patching/atomic.py (M3FUSE_TEST_KILL_AT=N kills
 the run as it enters its N-th write step); random kills land at a random delay after the run
 entered its write sequence (so between arbitrary syscalls, not only at hook points), or at a
 random delay after start. A kill "landed mid-transaction" when at least one write step had

@@ -39,7 +39,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-from m3fuse.hunks import apply_patch
+from m3fuse.patching.hunks import apply_patch
 
 REPO = Path(__file__).resolve().parent.parent
 SET = REPO / "patches" / "vllm-0.33.0"

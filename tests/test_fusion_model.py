@@ -27,7 +27,7 @@ from fusion_harness import (
 )
 from fusion_standins import SimTP
 from m3fuse.errors import PatchSetError
-from m3fuse.hunks import apply_patch
+from m3fuse.patching.hunks import apply_patch
 
 HELPER_SHA = "0169300358b731605508407ff39e9376497866b102b105f1e96113b80a658eac"
 FUSED_LAYER_KWARG = "defer_ffn_all_reduce"

@@ -314,9 +314,9 @@ def test_every_truncation_of_a_patch_is_refused(vllm_tree, tmp_path):
     """Cut a real patch at every line boundary and at mid-line points: the engine must refuse
     each cut (parse error, hunk mismatch or pin mismatch) without writing. In-process (the CLI
     cases above prove the end-to-end path); one CLI run per 20 cuts for good measure."""
-    from m3fuse import engine
+    from m3fuse.patching import engine
     from m3fuse.errors import M3fuseError
-    from m3fuse.patchset import load_all
+    from m3fuse.patching.patchset import load_all
     from m3fuse.target import from_root
 
     root = vllm_tree(VERSION)
@@ -442,9 +442,9 @@ def test_disk_full_on_a_tiny_tmpfs(command, setup, tmp_path):
 @pytest.mark.parametrize("fail_on", ["write", "fsync"])
 def test_disk_full_injected(fail_on, setup, monkeypatch):
     """The same fault without a mount: OSError(ENOSPC) from the second file's write/fsync."""
-    from m3fuse import atomic, engine
+    from m3fuse.patching import atomic, engine
     from m3fuse.errors import EnvironmentProblem
-    from m3fuse.patchset import load_all
+    from m3fuse.patching.patchset import load_all
     from m3fuse.target import from_root
 
     root, good, _, _, _ = setup

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 import realvllm
 from faultkit import FULL
-from m3fuse import engine
+from m3fuse.patching import engine
 from m3fuse.errors import DriftError, UnsupportedError
-from m3fuse.hunks import apply_patch, split_lines
-from m3fuse.patchset import load_all
+from m3fuse.patching.hunks import apply_patch, split_lines
+from m3fuse.patching.patchset import load_all
 from m3fuse.target import from_root
 
 FILES = [(v, m) for v in ("0.24.0", "0.26.0", "0.33.0") for m in (realvllm.HELPER, realvllm.MODEL, realvllm.MTP)]

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic, mutex
-from .errors import (EXIT_DRIFT, EXIT_OK, DriftError, EnvironmentProblem, M3fuseError, PatchSetError,
+from ..errors import (EXIT_DRIFT, EXIT_OK, DriftError, EnvironmentProblem, M3fuseError, PatchSetError,
                      UnsupportedError)
-from .fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
+from ..fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
-from .target import VllmTarget
+from ..target import VllmTarget
 
 PRISTINE, PATCHED, DRIFTED, MISSING, NOT_A_FILE = "pristine", "patched", "drifted", "missing", "not-a-file"
 PARTIAL, UNSUPPORTED = "partial", "unsupported"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .fingerprint import remove_bytecode
+from ..fingerprint import remove_bytecode
 
 TMP_MARK = ".m3fuse-tmp-"
 

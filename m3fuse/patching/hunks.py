@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from unidiff import PatchSet as _UnidiffPatchSet
 from unidiff.errors import UnidiffParseError
 
-from .errors import PatchSetError
+from ..errors import PatchSetError
 
 
 @dataclass(frozen=True)

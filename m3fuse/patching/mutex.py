@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EnvironmentProblem, LockBusy
+from ..errors import EnvironmentProblem, LockBusy
 
 DEFAULT_TIMEOUT = 60.0
 

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import PatchSetError
-from .fingerprint import is_sha256_hex
+from ..errors import PatchSetError
+from ..fingerprint import is_sha256_hex
 from .hunks import FileDiff, parse_diff
-from .tomlread import TOMLDecodeError, loads
+from ..tomlread import TOMLDecodeError, loads
 
 MANIFEST = "manifest.toml"
 FORMAT = 1
