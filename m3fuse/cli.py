@@ -100,16 +100,22 @@ def main() -> None:
     installed vLLM. Refuses any file it does not recognise byte for byte."""
 
 
-def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None) -> engine.TreeState:
+def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None, *,
+          parse_all: bool = False) -> engine.TreeState:
+    """The tree's state. Only the matching set's diffs are parsed unless `parse_all`: every
+    manifest is validated either way, and verify/status stay as fast with ten sets as with three."""
     vllm = locate(python=python, vllm_root=vllm_root)
-    sets = load_all(patches_dir or resources.patches_dir())
-    return engine.inspect(vllm, sets)
+    sets = load_all(patches_dir or resources.patches_dir(), parse=parse_all)
+    tree = engine.inspect(vllm, sets)
+    if tree.patch_set is not None:
+        tree.patch_set.parse()
+    return tree
 
 
 def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_dir: Path | None,
                 dry_run: bool, lock_timeout: float, echo: Callable[[str], None]) -> tuple[engine.TreeState, dict]:
     vllm = locate(python=python, vllm_root=vllm_root)
-    sets = load_all(patches_dir or resources.patches_dir())
+    sets = load_all(patches_dir or resources.patches_dir(), parse=True)
     return engine.converge(vllm, sets, goal, dry_run=dry_run, lock_timeout=lock_timeout, echo=echo)
 
 
@@ -138,7 +144,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
         if not no_wheels and not no_patches:
             # A vLLM the patches will refuse (missing, drifted, unsupported) or a broken patch set
             # is found before the wheels change the environment, not after.
-            engine.refuse_unless_known(_tree(python, vllm_root, patches_dir))
+            engine.refuse_unless_known(_tree(python, vllm_root, patches_dir, parse_all=True))
         if not no_wheels:
             from . import wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
@@ -220,6 +226,73 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
             click.echo(_dumps({"ok": True, "command": "status", **tree_json(tree)}))
         else:
             click.echo(tree_table(tree))
+        return EXIT_OK
+
+    _run(as_json, body)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@click.option("--python", "python", metavar="PATH", help="Interpreter of the environment holding the new vLLM.")
+@click.option("--vllm-root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Directory that contains the new vllm/ package.")
+@click.option("--from", "bases", multiple=True, metavar="SET | FILE=SET",
+              help="The shipped set to port; FILE=SET takes one file's changes from another set.")
+@click.option("--name", metavar="NAME", help="Name (folder) of the new set, e.g. vllm-0.28.0.")
+@click.option("--version", "versions", multiple=True, metavar="V",
+              help="vLLM version(s) the set is for (default: the tree's version).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Where the set folder goes (default: the patches folder in use).")
+@click.option("--patches", "patches_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Folder of patch sets to port from (default: the ones shipped with m3fuse).")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Work folder for files that need a hand (default: ./m3fuse-port-NAME).")
+@click.option("--base-root", "base_roots", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              metavar="DIR", help="Tree(s) holding the base sets' pristine files (else: cache, then pip download).")
+@click.option("--edit", is_flag=True, help="Stop at the work folder even when the merge is clean.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), metavar="WORKDIR",
+              help="Finish a set from the hand-resolved files of a work folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@lock_options
+def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], name: str | None,
+         versions: tuple[str, ...], out: Path | None, patches_dir: Path | None, workdir: Path | None,
+         base_roots: tuple[Path, ...], edit: bool, resume_dir: Path | None, as_json: bool, lock_timeout: float) -> None:
+    """Make a patch set for a vLLM tree that no set matches (three-way merge of a shipped set).
+
+    Never writes into the vLLM tree. A clean merge is not a reviewed set."""
+    from .patching import port as porting
+
+    echo = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+
+    def body() -> int:
+        sets = load_all(patches_dir or resources.patches_dir())
+        dest = out or patches_dir or resources.patches_dir()
+        if resume_dir is not None:
+            if bases or name or versions or python or vllm_root or edit or base_roots:
+                raise UsageProblem("--resume WORKDIR takes only --out, --patches, --json and --lock-timeout; "
+                                   "the rest was decided when the work folder was written.")
+            result = porting.resume(resume_dir, dest, sets, lock_timeout=lock_timeout)
+        else:
+            plain = [b for b in bases if "=" not in b]
+            if len(plain) != 1 or not name:
+                raise UsageProblem("port needs exactly one --from SET (plus any FILE=SET) and --name NAME.")
+            req = porting.PortRequest(
+                vllm=locate(python=python, vllm_root=vllm_root), sets=sets, base=plain[0],
+                overrides=[b for b in bases if "=" in b], name=name, versions=list(versions), out=dest,
+                workdir=workdir or Path.cwd() / f"m3fuse-port-{name}", base_roots=list(base_roots), edit=edit,
+                lock_timeout=lock_timeout)
+            try:
+                result = porting.port(req, echo)
+            except porting.MergeConflict as exc:
+                if as_json:
+                    return _emit_error(exc, True, {"port": exc.details})
+                raise
+        if as_json:
+            click.echo(_dumps({"ok": True, "command": "port", **result.to_json()}))
+        elif result.set_dir is None:
+            click.echo(f"port: the merge is clean; edit {result.workdir}/merged/ and run "
+                       f"`m3fuse port --resume {result.workdir}` to write the set.")
+        else:
+            click.echo("\n".join(porting.describe(result)))
         return EXIT_OK
 
     _run(as_json, body)

@@ -11,6 +11,7 @@ EXIT_USAGE = 2
 EXIT_DRIFT = 3
 EXIT_INTEGRITY = 4
 EXIT_ENVIRONMENT = 5
+EXIT_CONFLICT = 6
 
 EXIT_CODES_HELP = """\
 \b
@@ -19,7 +20,8 @@ Exit codes:
   2  usage error (bad option, bad value)
   3  source drift or unsupported vLLM (files match no known fingerprint)
   4  artifact integrity failure (hash or size mismatch of a download or wheel, bad wheel)
-  5  environment problem (vLLM not found, lock busy, permission denied, pip failed)"""
+  5  environment problem (vLLM not found, lock busy, permission denied, pip failed)
+  6  `port` needs a hand: merge conflicts (or a merged file that does not compile)"""
 
 
 class M3fuseError(Exception):
@@ -74,3 +76,11 @@ class EnvironmentProblem(M3fuseError):
 
 class LockBusy(EnvironmentProblem):
     kind = "lock-busy"
+
+
+class MergeConflict(M3fuseError):
+    """`m3fuse port` merged with conflicts; the work folder holds the files to resolve."""
+
+    exit_code = EXIT_CONFLICT
+    kind = "merge-conflict"
+    details: dict | None = None

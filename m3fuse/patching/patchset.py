@@ -1,14 +1,17 @@
 """Patch sets: a folder of unified diffs plus `manifest.toml`, loaded and checked as plain data.
 
-Everything here is validated before m3fuse reads or writes a single file of the vLLM tree:
-paths must be relative, inside the tree, unique; hashes well formed; each diff parseable and
-naming the file the manifest says it patches.
+Every manifest is validated before m3fuse reads or writes a single file of the vLLM tree:
+paths must be relative, inside the tree, unique; hashes well formed. A diff is read and parsed
+(and must name the file the manifest says it patches) when it is first needed: `verify` and
+`status` need only the matching set's diffs, so adding sets does not slow them down, while
+`install` and `revert` parse every set (`load_all(parse=True)`) and refuse a malformed one.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from ..errors import PatchSetError
@@ -20,13 +23,18 @@ MANIFEST = "manifest.toml"
 FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Target:
     path: str  # relative to the vLLM root (the directory that contains `vllm/`), POSIX form
     patch_file: Path
     pristine_sha256: str
     patched_sha256: str
-    diff: FileDiff
+    ported_from: str | None = None  # the shipped set this file's changes were merged from
+
+    @cached_property
+    def diff(self) -> FileDiff:
+        """The parsed diff, read on first use; PatchSetError if it is unreadable or malformed."""
+        return _read_diff(self.patch_file, self.path)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,30 @@ class PatchSet:
     vllm_versions: tuple[str, ...]
     summary: str
     targets: tuple[Target, ...]
+    ported_from: str | None = None
+
+    def parse(self) -> "PatchSet":
+        """Read and parse every diff now (raises PatchSetError on the first bad one)."""
+        for t in self.targets:
+            t.diff  # noqa: B018 - cached_property: the access is the parse
+        return self
+
+
+def _read_diff(patch_path: Path, rel: str) -> FileDiff:
+    try:
+        raw_patch = patch_path.read_bytes()
+    except OSError as exc:
+        raise PatchSetError(f"{patch_path}: cannot read this patch file ({exc.strerror}).") from exc
+    try:
+        text = raw_patch.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PatchSetError(f"{patch_path}: not UTF-8 text; it is binary or corrupted. Restore it "
+                            f"from the m3fuse release.") from exc
+    diff = parse_diff(text, name=str(patch_path))
+    if diff.target_path != rel or diff.source_path != rel:
+        raise PatchSetError(f"{patch_path}: the diff patches {diff.target_path!r} but the manifest says "
+                            f"{rel!r}. Fix the manifest entry or the diff header.")
+    return diff
 
 
 def check_relative_path(rel: object, *, where: str) -> str:
@@ -60,6 +92,12 @@ def _str(table: dict, key: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise PatchSetError(f"{where}: '{key}' must be a non-empty string, got {value!r}.")
     return value
+
+
+def _optional_str(table: dict, key: str, where: str) -> str | None:
+    if key not in table:
+        return None
+    return _str(table, key, where)
 
 
 def load_patchset(folder: Path) -> PatchSet:
@@ -109,29 +147,27 @@ def load_patchset(folder: Path) -> PatchSet:
             raise PatchSetError(f"{ewhere}: pristine and patched sha256 are equal; the state of {rel} "
                                 f"could never be told.")
         patch_path = folder / patch_name
-        try:
-            raw_patch = patch_path.read_bytes()
-        except OSError as exc:
-            raise PatchSetError(f"{ewhere}: cannot read patch file {patch_path} ({exc.strerror}).") from exc
-        try:
-            text = raw_patch.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PatchSetError(f"{patch_path}: not UTF-8 text; it is binary or corrupted. Restore it "
-                                f"from the m3fuse release.") from exc
-        diff = parse_diff(text, name=str(patch_path))
-        if diff.target_path != rel or diff.source_path != rel:
-            raise PatchSetError(f"{patch_path}: the diff patches {diff.target_path!r} but the manifest says "
-                                f"{rel!r}. Fix the manifest entry or the diff header.")
-        targets.append(Target(rel, patch_path, hashes["pristine-sha256"], hashes["patched-sha256"], diff))
-    return PatchSet(name, folder, tuple(versions), str(data.get("summary", "")), tuple(targets))
+        if not patch_path.is_file():
+            raise PatchSetError(f"{ewhere}: patch file {patch_path} does not exist (or is not a file). "
+                                f"Restore the patch set from the m3fuse release.")
+        targets.append(Target(rel, patch_path, hashes["pristine-sha256"], hashes["patched-sha256"],
+                              _optional_str(entry, "ported-from", ewhere)))
+    return PatchSet(name, folder, tuple(versions), str(data.get("summary", "")), tuple(targets),
+                    _optional_str(data, "ported-from", where))
 
 
-def load_all(patches_root: Path) -> list[PatchSet]:
-    """Every patch set under `patches_root` (one per sub-folder holding a manifest)."""
+def load_all(patches_root: Path, *, parse: bool = False) -> list[PatchSet]:
+    """Every patch set under `patches_root` (one per sub-folder holding a manifest; folders
+    whose name starts with '.' are work in progress of `m3fuse port` and never a set).
+    `parse` reads and parses every diff now, as install and revert want."""
     if not patches_root.is_dir():
         raise PatchSetError(f"{patches_root}: the patch-set folder does not exist. Reinstall m3fuse or "
                             f"pass --patches DIR.")
-    sets = [load_patchset(d) for d in sorted(patches_root.iterdir()) if (d / MANIFEST).is_file()]
+    sets = [load_patchset(d) for d in sorted(patches_root.iterdir())
+            if not d.name.startswith(".") and (d / MANIFEST).is_file()]
+    if parse:
+        for s in sets:
+            s.parse()
     names = [s.name for s in sets]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
