@@ -190,16 +190,58 @@ def read_only(root: Path, method: str) -> Iterator[dict]:
     elif method == "setuid-nobody":
         if os.geteuid() != 0:
             raise NotImplementedError("needs root to drop to another uid")
-        try:
-            probe = subprocess.run([sys.executable, "-c", "import m3fuse"], capture_output=True,
-                                   preexec_fn=_drop_privileges)
-        except OSError:
-            probe = None
-        if probe is None or probe.returncode != 0:
-            raise NotImplementedError("the test interpreter is not usable by uid 65534 here")
-        yield {"preexec_fn": _drop_privileges}
+        python = unprivileged_python()
+        _let_nobody_traverse(root)
+        probe = subprocess.run([python, "-c", "import m3fuse"], capture_output=True, preexec_fn=_drop_privileges)
+        assert probe.returncode == 0, probe.stderr
+        yield {"preexec_fn": _drop_privileges, "python": python}
     else:
         raise ValueError(method)
+
+
+_UNPRIVILEGED: list[str] = []
+
+
+def unprivileged_python() -> str:
+    """An interpreter with m3fuse that uid 65534 can run. The test venv's Python often lives
+    under /root (mode 700), which nobody cannot enter; so a venv of the system Python is made
+    once per session in a world-readable folder, with m3fuse's dependencies and a copy of the
+    package (the checkout itself may sit under /root too)."""
+    if _UNPRIVILEGED:
+        return _UNPRIVILEGED[0]
+    import tempfile
+
+    import tomllib
+
+    base = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+                 if os.access(p, os.X_OK) and subprocess.run(
+                     [p, "-c", "pass"], capture_output=True, preexec_fn=_drop_privileges).returncode == 0), None)
+    assert base, "no Python that uid 65534 can run (looked for /usr/bin/python3 and /usr/local/bin/python3)"
+    home = Path(tempfile.mkdtemp(prefix="m3fuse-nobody-"))
+    os.chmod(home, 0o755)
+    subprocess.run([base, "-m", "venv", str(home / "venv")], check=True, capture_output=True)
+    py = home / "venv" / "bin" / "python"
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    shutil.copytree(REPO / "m3fuse", Path(purelib) / "m3fuse", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(home)], check=True)
+    _UNPRIVILEGED.append(str(py))
+    return str(py)
+
+
+def _let_nobody_traverse(path: Path) -> None:
+    """o+x on the test's own temp folders above `path` (pytest makes its base temp 0700)."""
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for d in [path.resolve(), *path.resolve().parents]:
+        if d == tmp or tmp not in d.parents:
+            break
+        os.chmod(d, os.stat(d).st_mode | 0o001)
 
 
 def _drop_privileges() -> None:
