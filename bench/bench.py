@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 MiB = 1 << 20
-FIGURES = ("verify_latency", "verify_with_wheels", "idempotent_install", "hashing", "download", "cold_install")
+FIGURES = ("verify_latency", "verify_with_wheels", "idempotent_install", "verify_10_vs_3_sets", "hashing", "download",
+           "cold_install")
 
 
 @dataclass
@@ -328,6 +329,23 @@ def fig_latency(s: Setup, cfg: Config, only: list[str]) -> list[Figure]:
     return out
 
 
+def fig_sets(s: Setup, cfg: Config) -> Figure:
+    """verify --no-wheels with every shipped set against the same with only the first three
+    (0.24.0, 0.26.0, 0.33.0): adding sets must not slow the CI check down."""
+    three = s.tmp / "three-sets"
+    for name in ("vllm-0.24.0", "vllm-0.26.0", "vllm-0.33.0"):
+        shutil.copytree(REPO / "patches" / name, three / name, dirs_exist_ok=True)
+    n_all = sum(1 for d in (REPO / "patches").iterdir() if (d / "manifest.toml").is_file())
+    s.log(f"verify with {n_all} sets vs 3 ...")
+    every = [s.m3fuse, "verify", "--no-wheels", "--patches", REPO / "patches"]
+    few = [s.m3fuse, "verify", "--no-wheels", "--patches", three]
+    a, b = measure(lambda: run(every, s.env, s.tmp), lambda: run(few, s.env, s.tmp), cfg.latency_reps,
+                   cfg.latency_warmup)
+    return Figure("verify_10_vs_3_sets", f"verify, {n_all} sets vs 3",
+                  f"m3fuse verify --no-wheels --patches <all {n_all} shipped sets> (real vllm 0.26.0 venv, patched)",
+                  "the same with only vllm-0.24.0/0.26.0/0.33.0", "wall", 1.05, None, a, b)
+
+
 def fig_hashing(s: Setup, cfg: Config) -> Figure:
     from m3fuse import fingerprint
 
@@ -510,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         s = make_setup(tmp, cfg, log)
         if {"verify_latency", "verify_with_wheels", "idempotent_install"} & set(only):
             figs += fig_latency(s, cfg, only)
+        if "verify_10_vs_3_sets" in only:
+            figs.append(fig_sets(s, cfg))
         if "hashing" in only:
             figs.append(fig_hashing(s, cfg))
         if "download" in only:
