@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = ("verify_latency", "verify_with_wheels", "idempotent_install", "hashing", "download", "cold_install")
+FIGURES = ("verify_latency", "verify_with_wheels", "idempotent_install", "verify_10_vs_3_sets", "hashing", "download",
+           "cold_install")
 
 
 @pytest.mark.slow
