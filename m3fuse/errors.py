@@ -74,3 +74,11 @@ class EnvironmentProblem(M3fuseError):
 
 class LockBusy(EnvironmentProblem):
     kind = "lock-busy"
+
+
+class NotPatched(M3fuseError):
+    """The tree is readable and recognised but not patched, where the command needs it patched
+    (`m3fuse env fused|control`)."""
+
+    exit_code = EXIT_DRIFT
+    kind = "not-patched"
