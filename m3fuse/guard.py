@@ -79,6 +79,16 @@ def check(root: Path | None = None) -> tuple[str, bool]:
     return line, code == 0
 
 
+def _emit(level: int, line: str) -> None:
+    if logger.hasHandlers():
+        logger.log(level, "%s", line)
+    else:
+        # vLLM 0.31.0+ sets up its logging only once the command line is parsed
+        # (vllm/entrypoints/cli/main.py:113 in 0.33.0), after the API server's first plugin load
+        # (from add_cli_args): with no handler yet, the line would be lost below WARNING.
+        print(f"{logging.getLevelName(level)} {line}", file=sys.stderr, flush=True)
+
+
 def guard() -> None:
     """The plugin function vLLM calls once per process (see module docstring)."""
     how = mode()
@@ -90,12 +100,12 @@ def guard() -> None:
         if how == STRICT:
             raise GuardRefused(f"m3fuse guard: could not check the vLLM tree ({exc}); {ENV}=strict refuses "
                                f"to start.") from exc
-        logger.warning("m3fuse guard: could not check the vLLM tree: %s", exc)
+        _emit(logging.WARNING, f"m3fuse guard: could not check the vLLM tree: {exc}")
         return
     if ok:
-        logger.info("%s", line)
+        _emit(logging.INFO, line)
     elif how == STRICT:
         raise GuardRefused(f"{line}. {ENV}=strict refuses to start vLLM on a tree that is not patched: run "
                            f"`m3fuse install` (or `m3fuse verify` to see why), or unset {ENV}.")
     else:
-        logger.warning("%s", line)
+        _emit(logging.WARNING, line)
