@@ -168,3 +168,20 @@ def test_the_guard_imports_nothing_heavy(vllm_tree):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "False []"
     assert "set vllm-0.26.0, state pristine" in r.stdout
+
+
+def test_a_failing_check_only_logs_by_default_and_refuses_under_strict(monkeypatch, caplog):
+    import m3fuse.guard as g
+
+    def broken(root=None):
+        raise OSError("patch sets unreadable")
+
+    monkeypatch.setattr(g, "check", broken)
+    caplog.set_level("INFO", logger="vllm.m3fuse.guard")
+    monkeypatch.delenv("M3FUSE_GUARD", raising=False)
+    g.guard()  # vLLM keeps starting
+    assert "could not check the vLLM tree: patch sets unreadable" in caplog.text
+    monkeypatch.setenv("M3FUSE_GUARD", " Strict ")
+    with pytest.raises(g.GuardRefused, match="could not check .* refuses to start"):
+        g.guard()
+    assert g.mode({}) == "log" and g.mode({"M3FUSE_GUARD": "OFF"}) == "off"
