@@ -43,6 +43,16 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
     sys.exit(code)
 
 
+def _aiter_warnings(rep: dict[str, Any], as_json: bool) -> None:
+    """The known AITER defects of the AITER that is or will be installed: on stderr, never a
+    change of exit code."""
+    from .aiter_defects import describe
+
+    if not as_json:
+        for line in describe(rep):
+            click.echo(f"m3fuse: warning: {line}", err=True)
+
+
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--python", "python", metavar="PATH",
@@ -65,7 +75,8 @@ def lock_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 # Commands whose module is imported only when they are run (or listed by --help): `verify`
 # runs in every CI job and must not pay for the lock writer, packaging and tempfile.
-_LAZY_COMMANDS = {"fetch": ("cli_wheels", "fetch_command"), "lock": ("cli_wheels", "lock_group")}
+_LAZY_COMMANDS = {"fetch": ("cli_wheels", "fetch_command"), "lock": ("cli_wheels", "lock_group"),
+                  "env": ("cli_env", "env_command")}
 
 
 class _Group(click.Group):
@@ -154,6 +165,13 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             tree, actions = _transition(engine.PATCHED, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
             out.update(tree_json(tree))
             out["actions"] = actions
+        from . import aiter_defects
+        vllm_version = (out.get("vllm") or {}).get("version")
+        if not no_wheels:
+            out["aiter"] = aiter_defects.pinned_report(lock_path or resources.default_lock(), vllm_version)
+        else:
+            out["aiter"] = aiter_defects.installed_report(Path(out["vllm"]["root"]), vllm_version)
+        _aiter_warnings(out["aiter"], as_json)
         if as_json:
             click.echo(_dumps(out))
         return EXIT_OK
@@ -201,12 +219,17 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
             wheel_failures, wheel_code = wheels.judge(results)
             failures += wheel_failures
             code = code or wheel_code
+        from . import aiter_defects
+        probed = next((r.get("installed_version") for r in out.get("wheels", [])
+                       if r.get("name") == aiter_defects.AITER_DIST), None)
+        out["aiter"] = aiter_defects.installed_report(tree.vllm.root, tree.vllm.version, probed)
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
         if as_json:
             click.echo(_dumps(out))
         else:
             click.echo(tree_table(tree))
+            _aiter_warnings(out["aiter"], as_json)
             for f in failures:
                 click.echo(f"FAIL: {f}", err=True)
             click.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")

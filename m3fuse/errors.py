@@ -84,3 +84,11 @@ class MergeConflict(M3fuseError):
     exit_code = EXIT_CONFLICT
     kind = "merge-conflict"
     details: dict | None = None
+
+
+class NotPatched(M3fuseError):
+    """The tree is readable and recognised but not patched, where the command needs it patched
+    (`m3fuse env fused|control`)."""
+
+    exit_code = EXIT_DRIFT
+    kind = "not-patched"
