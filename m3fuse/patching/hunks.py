@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unidiff import PatchSet as _UnidiffPatchSet
-from unidiff.errors import UnidiffParseError
-
 from ..errors import PatchSetError
 
 
@@ -53,6 +50,10 @@ def parse_diff(patch_text: str, *, name: str = "") -> FileDiff:
     if not patch_text.strip():
         raise PatchSetError(f"{label} is empty: no diff header and no hunks, so it was truncated or "
                             f"never written. Restore the patch file from the m3fuse release.")
+    # Imported here: verify, status and the guard parse no diff at all on a matching tree.
+    from unidiff import PatchSet as _UnidiffPatchSet
+    from unidiff.errors import UnidiffParseError
+
     try:
         parsed = _UnidiffPatchSet(patch_text)
     except UnidiffParseError as exc:
