@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fusion_standins import OtherGemmaNorm, SimTP, module_from_source, rms_norm
+from fusion_standins import OtherGemmaNorm, SimTP, module_from_source, rms_norm, standin_logger_module
 
 
 # ----------------------------------------------------------------------------- stage
@@ -36,6 +36,7 @@ class Stage:
     custom_all_reduce: bool = True  # not --disable-custom-all-reduce
     wrappers: list[Any] | None = None  # per rank, or None (no aiter_ar_comm)
     capturing: bool = False
+    pp_rank: int = 0  # this process's pipeline stage (tests/test_runtime.py)
     upstream_op_calls: list[dict] = field(default_factory=list)
 
     def wrapper(self):
@@ -88,6 +89,7 @@ class Stage:
                 get_tensor_model_parallel_rank=lambda: tp.rank,
                 get_tensor_model_parallel_world_size=lambda: tp.world,
                 get_tp_group=lambda: types.SimpleNamespace(cpu_group=None, device_communicator=None),
+                get_pp_group=lambda: types.SimpleNamespace(rank_in_group=self.pp_rank),
                 _ENABLE_CUSTOM_ALL_REDUCE=self.custom_all_reduce),
             "vllm.model_executor": mod("vllm.model_executor"),
             "vllm.model_executor.layers": mod("vllm.model_executor.layers"),
@@ -96,6 +98,7 @@ class Stage:
             "vllm.platforms": mod("vllm.platforms", current_platform=_Platform()),
             "vllm._aiter_ops": mod("vllm._aiter_ops", rocm_aiter_ops=_RocmAiterOps()),
             "vllm.config": mod("vllm.config", get_current_vllm_config=lambda: None),
+            "vllm.logger": standin_logger_module(),
         }
 
 

@@ -17,6 +17,8 @@ vllm-0.24.0/0.26.0, tests/fusion_harness_033.py for vllm-0.33.0): no vLLM, AITER
 - `M3Norm`: named and placed like M3's ROCm `MiniMAXGemmaRMSNorm` (fp32 math, scales by
   `1 + weight`, counts its calls), so the helper recognises it by name; `OtherGemmaNorm` is the
   same math under vLLM's `GemmaRMSNorm` name.
+- `standin_logger_module()`: `vllm.logger` whose `init_logger(name)` is the stdlib logger of
+  that name (tests read it with pytest's caplog).
 - ast helpers: `top_level` / `class_node` / `method_node` find definitions in a parsed file;
   `compile_nodes` / `compile_functions` compile copies of them against stand-in globals.
 """
@@ -236,6 +238,16 @@ class OtherGemmaNorm(M3Norm):
 
 OtherGemmaNorm.__name__ = OtherGemmaNorm.__qualname__ = "GemmaRMSNorm"
 OtherGemmaNorm.__module__ = "vllm.model_executor.layers.layernorm"
+
+
+# ----------------------------------------------------------------------------- vllm.logger
+def standin_logger_module() -> types.ModuleType:
+    """`vllm.logger` for the patched code: `init_logger(name)` is `logging.getLogger(name)`."""
+    import logging
+
+    m = types.ModuleType("vllm.logger")
+    m.init_logger = logging.getLogger
+    return m
 
 
 # ----------------------------------------------------------------------------- source / ast
