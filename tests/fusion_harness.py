@@ -102,6 +102,8 @@ class FakeRocmAiterOps:
     def __init__(self, stage: "Stage") -> None:
         self.stage = stage
         self.init_calls: list[tuple] = []
+        if stage.fs.aiter_api == "raw":  # 0.25+ has no such method: hasattr() tells them apart
+            self.initialize_aiter_allreduce = self._initialize_aiter_allreduce
 
     def is_enabled(self) -> bool:
         return self.stage.aiter_enabled
@@ -119,10 +121,8 @@ class FakeRocmAiterOps:
             return FakeAiterWrapper(st.make_ca())
         return None
 
-    def initialize_aiter_allreduce(self, group, device) -> None:
+    def _initialize_aiter_allreduce(self, group, device) -> None:
         st = self.stage
-        if st.fs.aiter_api != "raw":
-            raise AttributeError("initialize_aiter_allreduce does not exist in vLLM 0.25+")
         self.init_calls.append((group, device))
         st.raw_ca = st.make_ca() if st.aiter_importable else None
 

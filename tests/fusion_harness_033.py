@@ -37,6 +37,9 @@ class Stage:
     wrappers: list[Any] | None = None  # per rank, or None (no aiter_ar_comm)
     capturing: bool = False
     pp_rank: int = 0  # this process's pipeline stage (tests/test_runtime.py)
+    # vLLM's op as in _aiter_ops.py:1191-1269 (calls the wrapper's AITER
+    # custom_fused_ar_rms with gemma_norm=) instead of the math stand-in.
+    op_calls_aiter: bool = False
     upstream_op_calls: list[dict] = field(default_factory=list)
 
     def wrapper(self):
@@ -73,6 +76,11 @@ class Stage:
             def get_fused_allreduce_rmsnorm_op():
                 def op(*, input_, residual, weight, epsilon, gemma_norm=False):
                     st.upstream_op_calls.append(dict(rank=st.tp.rank, tokens=input_.shape[0], gemma_norm=gemma_norm))
+                    if st.op_calls_aiter:
+                        ar = st.wrapper()
+                        return ar.aiter_ca.custom_fused_ar_rms(
+                            input_, residual, weight, epsilon,
+                            use_1stage=ar.use_1stage_fused_ar_rms(input_), gemma_norm=gemma_norm)
                     s = st.tp.all_reduce(input_).float() + residual.float()
                     scale = (1.0 + weight.float()) if gemma_norm else weight.float()
                     return rms_norm(s, scale, epsilon).to(input_.dtype), s.to(input_.dtype)
