@@ -75,6 +75,7 @@ class Setup:
     executor: str | None = None  # parallel_config.distributed_executor_backend
     dp_backend: str = "mp"
     draft: tuple[str, ...] | None = None  # speculative draft model architectures
+    spec_method: str = "eagle3"
     compile_mode: int = 3  # CompilationMode.VLLM_COMPILE (vLLM's default)
     fuse_ar_rms: bool = True  # pass_config.fuse_allreduce_rms (on at -O2, ROCm, AITER, TP > 1)
     enable_sp: bool = False
@@ -95,7 +96,7 @@ def vllm_config(s: Setup) -> types.SimpleNamespace:
     cc = types.SimpleNamespace(mode=s.compile_mode, pass_config=types.SimpleNamespace(
         enable_sp=s.enable_sp, fuse_allreduce_rms=s.fuse_ar_rms))
     spec = None if s.draft is None else types.SimpleNamespace(
-        method="eagle3", draft_model_config=types.SimpleNamespace(architectures=list(s.draft)))
+        method=s.spec_method, draft_model_config=types.SimpleNamespace(architectures=list(s.draft)))
     return types.SimpleNamespace(
         model_config=types.SimpleNamespace(hf_text_config=ToyConfig()), cache_config=None,
         quant_config=None, parallel_config=pc, compilation_config=cc, speculative_config=spec,
@@ -362,6 +363,20 @@ def test_the_pass_check_is_quiet_where_the_pass_does_not_run(aiter, monkeypatch,
     aiter(PINNED)
     mode = "control" if change.get("aiter_enabled") is False else "fused"
     construct(name, Setup(mode=mode, ca_cls=FakeAiterCA, **{"tp": 4, "draft": EAGLE3, **change}), monkeypatch)
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+@pytest.mark.parametrize("method,refused", [("ngram", False), ("suffix", False), ("draft_model", True)])
+def test_methods_without_a_draft_network_are_not_refused(aiter, monkeypatch, name, method, refused):
+    """ngram/suffix/custom_class/extract_hidden_states get the target's model config as
+    draft_model_config (config/speculative.py, 0.33.0 :1297-1373) and load no draft network."""
+    aiter(PINNED)
+    s = Setup(mode="control", tp=4, ca_cls=FakeAiterCA, draft=("MiniMaxM3ForCausalLM",), spec_method=method)
+    if not refused:
+        construct(name, s, monkeypatch)
+        return
+    with pytest.raises(RuntimeError, match="RocmAiterAllReduceFusionPass"):
+        construct(name, s, monkeypatch)
 
 
 def test_024_pass_needs_vllms_custom_all_reduce(aiter, monkeypatch):
