@@ -38,6 +38,7 @@ from fusion_standins import (
     compile_nodes,
     module_from_source,
     rms_norm,
+    standin_logger_module,
     top_level,
 )
 from m3fuse.patching.hunks import apply_patch
@@ -101,6 +102,8 @@ class FakeRocmAiterOps:
     def __init__(self, stage: "Stage") -> None:
         self.stage = stage
         self.init_calls: list[tuple] = []
+        if stage.fs.aiter_api == "raw":  # 0.25+ has no such method: hasattr() tells them apart
+            self.initialize_aiter_allreduce = self._initialize_aiter_allreduce
 
     def is_enabled(self) -> bool:
         return self.stage.aiter_enabled
@@ -118,10 +121,8 @@ class FakeRocmAiterOps:
             return FakeAiterWrapper(st.make_ca())
         return None
 
-    def initialize_aiter_allreduce(self, group, device) -> None:
+    def _initialize_aiter_allreduce(self, group, device) -> None:
         st = self.stage
-        if st.fs.aiter_api != "raw":
-            raise AttributeError("initialize_aiter_allreduce does not exist in vLLM 0.25+")
         self.init_calls.append((group, device))
         st.raw_ca = st.make_ca() if st.aiter_importable else None
 
@@ -147,6 +148,7 @@ class Stage:
     capturing: bool = False
     pp: int = 1
     dp: int = 1
+    pp_rank: int = 0  # this process's pipeline stage (tests/test_runtime.py)
     enable_sp: bool = False
     raw_ca: FakeAiterCA | None = None
     fallback_all_reduces: int = 0
@@ -188,6 +190,7 @@ class Stage:
                  get_tensor_model_parallel_rank=lambda: self.tp.rank,
                  get_tensor_model_parallel_world_size=lambda: self.tp.world,
                  get_tp_group=lambda: tp_group,
+                 get_pp_group=lambda: types.SimpleNamespace(rank_in_group=self.pp_rank),
                  _ENABLE_CUSTOM_ALL_REDUCE=self.custom_all_reduce)
         co = mod("vllm.distributed.communication_op", tensor_model_parallel_all_reduce=self.all_reduce)
         dist = mod("vllm.distributed", parallel_state=ps, communication_op=co,
@@ -204,6 +207,7 @@ class Stage:
             "vllm.model_executor.layers.layernorm": layernorm,
             "vllm._aiter_ops": mod("vllm._aiter_ops", rocm_aiter_ops=self.rocm_aiter_ops),
             "vllm.config": mod("vllm.config", get_current_vllm_config=self.vllm_config),
+            "vllm.logger": standin_logger_module(),
         }
 
     def __enter__(self) -> "Stage":
@@ -357,7 +361,8 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None) -> 
         "tensor_model_parallel_all_reduce": stage.all_reduce,
     }
     for name in ("fused_allreduce_gemma_rms_norm", "initialize_m3_aiter_allreduce",
-                 "m3_aiter_ar_rms_mode", "m3_defer_ffn_all_reduce"):
+                 "m3_aiter_ar_rms_mode", "m3_defer_ffn_all_reduce", "m3_check_runtime",
+                 "m3_off_fallback", "m3_report_run"):
         if hasattr(helper, name):
             g[name] = getattr(helper, name)
     compile_nodes([top_level(iface, "EagleModelMixin")], g, f"<{fs.version}>/{INTERFACES}")

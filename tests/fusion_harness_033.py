@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fusion_standins import OtherGemmaNorm, SimTP, module_from_source, rms_norm
+from fusion_standins import OtherGemmaNorm, SimTP, module_from_source, rms_norm, standin_logger_module
 
 
 # ----------------------------------------------------------------------------- stage
@@ -36,6 +36,10 @@ class Stage:
     custom_all_reduce: bool = True  # not --disable-custom-all-reduce
     wrappers: list[Any] | None = None  # per rank, or None (no aiter_ar_comm)
     capturing: bool = False
+    pp_rank: int = 0  # this process's pipeline stage (tests/test_runtime.py)
+    # vLLM's op as in _aiter_ops.py:1191-1269 (calls the wrapper's AITER
+    # custom_fused_ar_rms with gemma_norm=) instead of the math stand-in.
+    op_calls_aiter: bool = False
     upstream_op_calls: list[dict] = field(default_factory=list)
 
     def wrapper(self):
@@ -72,6 +76,11 @@ class Stage:
             def get_fused_allreduce_rmsnorm_op():
                 def op(*, input_, residual, weight, epsilon, gemma_norm=False):
                     st.upstream_op_calls.append(dict(rank=st.tp.rank, tokens=input_.shape[0], gemma_norm=gemma_norm))
+                    if st.op_calls_aiter:
+                        ar = st.wrapper()
+                        return ar.aiter_ca.custom_fused_ar_rms(
+                            input_, residual, weight, epsilon,
+                            use_1stage=ar.use_1stage_fused_ar_rms(input_), gemma_norm=gemma_norm)
                     s = st.tp.all_reduce(input_).float() + residual.float()
                     scale = (1.0 + weight.float()) if gemma_norm else weight.float()
                     return rms_norm(s, scale, epsilon).to(input_.dtype), s.to(input_.dtype)
@@ -88,6 +97,7 @@ class Stage:
                 get_tensor_model_parallel_rank=lambda: tp.rank,
                 get_tensor_model_parallel_world_size=lambda: tp.world,
                 get_tp_group=lambda: types.SimpleNamespace(cpu_group=None, device_communicator=None),
+                get_pp_group=lambda: types.SimpleNamespace(rank_in_group=self.pp_rank),
                 _ENABLE_CUSTOM_ALL_REDUCE=self.custom_all_reduce),
             "vllm.model_executor": mod("vllm.model_executor"),
             "vllm.model_executor.layers": mod("vllm.model_executor.layers"),
@@ -96,6 +106,7 @@ class Stage:
             "vllm.platforms": mod("vllm.platforms", current_platform=_Platform()),
             "vllm._aiter_ops": mod("vllm._aiter_ops", rocm_aiter_ops=_RocmAiterOps()),
             "vllm.config": mod("vllm.config", get_current_vllm_config=lambda: None),
+            "vllm.logger": standin_logger_module(),
         }
 
 

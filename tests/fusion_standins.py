@@ -10,13 +10,17 @@ vllm-0.24.0/0.26.0, tests/fusion_harness_033.py for vllm-0.33.0): no vLLM, AITER
   pinned build (0.1.15.post1: keyword-only `w`, `eps`, `registered`, `use_1stage`, no
   `gemma_norm`); it all-reduces over the SimTP group, adds the residual, applies RMSNorm scaled
   by the given `w` (plain, not `1 + w`) and records its arguments. `FakeAiterCANoStage` is a
-  build without `use_1stage`.
+  build without `use_1stage`. Its `custom_fused_ar_rms(input, residual_inp, weight, eps,
+  use_1stage)` is the pinned one (no `gemma_norm`); `FakeAiterCAGemma` has the later
+  `custom_fused_ar_rms(..., use_1stage, out_hidden_dim=0, gemma_norm=False)`.
 - `FakeAiterWrapper`: vLLM 0.25+'s `AiterCustomAllreduce` (raw object at `.aiter_ca`, `disabled`
   read from it), with 0.33.0's `should_custom_ar`, `supports_dynamic_hidden_dim` and
   `use_1stage_fused_ar_rms` as well.
 - `M3Norm`: named and placed like M3's ROCm `MiniMAXGemmaRMSNorm` (fp32 math, scales by
   `1 + weight`, counts its calls), so the helper recognises it by name; `OtherGemmaNorm` is the
   same math under vLLM's `GemmaRMSNorm` name.
+- `standin_logger_module()`: `vllm.logger` whose `init_logger(name)` is the stdlib logger of
+  that name (tests read it with pytest's caplog).
 - ast helpers: `top_level` / `class_node` / `method_node` find definitions in a parsed file;
   `compile_nodes` / `compile_functions` compile copies of them against stand-in globals.
 """
@@ -146,8 +150,25 @@ class FakeAiterCA:
         s = total.float() + res_inp.float()
         return rms_norm(s, w.float(), eps).to(inp.dtype), s.to(inp.dtype)
 
+    def custom_fused_ar_rms(self, input, residual_inp, weight, eps, use_1stage):
+        # The pinned build's signature: no gemma_norm.
+        if self.disabled:
+            return None
+        return self.fused_ar_rms(input, residual_inp, w=weight, eps=eps, use_1stage=use_1stage)
+
     def capture(self):  # pragma: no cover - present for the surface only
         raise AssertionError("not used on CPU")
+
+
+class FakeAiterCAGemma(FakeAiterCA):
+    """A later AITER whose custom_fused_ar_rms takes gemma_norm (applies `1 + weight`)."""
+
+    def custom_fused_ar_rms(self, input, residual_inp, weight, eps, use_1stage,  # type: ignore[override]
+                            out_hidden_dim=0, gemma_norm=False):
+        if self.disabled:
+            return None
+        w = weight.float() + 1.0 if gemma_norm else weight
+        return self.fused_ar_rms(input, residual_inp, w=w, eps=eps, use_1stage=use_1stage)
 
 
 class FakeAiterCANoStage(FakeAiterCA):
@@ -236,6 +257,16 @@ class OtherGemmaNorm(M3Norm):
 
 OtherGemmaNorm.__name__ = OtherGemmaNorm.__qualname__ = "GemmaRMSNorm"
 OtherGemmaNorm.__module__ = "vllm.model_executor.layers.layernorm"
+
+
+# ----------------------------------------------------------------------------- vllm.logger
+def standin_logger_module() -> types.ModuleType:
+    """`vllm.logger` for the patched code: `init_logger(name)` is `logging.getLogger(name)`."""
+    import logging
+
+    m = types.ModuleType("vllm.logger")
+    m.init_logger = logging.getLogger
+    return m
 
 
 # ----------------------------------------------------------------------------- source / ast
