@@ -85,7 +85,10 @@ DEFECTS: tuple[Defect, ...] = (
     ),
 )
 
-NO_GEMMA_NORM = "ROCm/aiter#3792"  # the row `m3fuse env off` consults
+NO_GEMMA_NORM = "ROCm/aiter#3792"
+# With either, the patched model refuses `off` on vLLM 0.30.0+ unless AITER's custom all-reduce
+# is off (the patch's m3_check_runtime); `m3fuse env off` sets it off there.
+OFF_BLOCKERS = (NO_GEMMA_NORM, "ROCm/aiter#4346")
 
 
 def _version(text: str) -> Any:

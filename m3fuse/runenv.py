@@ -148,18 +148,21 @@ def has_one_stage_branch(root: Path) -> bool | None:
 
 def _off_needs_custom_ar_off(root: Path, aiter_version: str | None, notes: list[str]) -> bool:
     """`off` runs the unpatched helper. On 0.30.0+ its one-stage branch passes gemma_norm=True,
-    which an AITER before v0.1.17 does not take (a TypeError at graph capture). With
+    which an AITER before v0.1.17 does not take (a TypeError at graph capture), and runs the fused
+    one-stage kernel, which has no exit barrier before v0.1.19.post1 (#4346): the patched model
+    refuses `off` there at construction (m3_check_runtime) unless AITER's custom all-reduce is
+    off. With
     VLLM_ROCM_USE_AITER_CUSTOM_AR=0, rocm_aiter_ops.is_custom_all_reduce_enabled() is False and
     _can_use_aiter_fused_ar_rms returns False before reaching AITER (0.30.0/0.33.0
     fused_allreduce_gemma_rms_norm.py:120-121, _aiter_ops.py:2069-2070 / 2442-2443)."""
     branch = has_one_stage_branch(root)
     if branch is False:
         return False
-    lacks = any(d.id == aiter_defects.NO_GEMMA_NORM for d in aiter_defects.affecting(aiter_version))
-    if not lacks:
+    hits = [d.id for d in aiter_defects.affecting(aiter_version) if d.id in aiter_defects.OFF_BLOCKERS]
+    if not hits:
         return False
-    why = (f"AITER {aiter_version} has no gemma_norm" if aiter_version else
-           f"no amd-aiter dist-info found in {root}, so an AITER without gemma_norm is assumed")
+    why = (f"AITER {aiter_version} has {' and '.join(hits)}" if aiter_version else
+           f"no amd-aiter dist-info found in {root}, so an AITER with {' and '.join(hits)} is assumed")
     where = ("this vLLM's helper has its own one-stage AITER branch (gemma_norm=True)" if branch else
              f"{root / HELPER} cannot be parsed, so vLLM's one-stage AITER branch is assumed")
     notes.append(f"off: {CUSTOM_AR_VAR}=0 because {where} and {why}; upstream then uses vLLM's own "

@@ -124,8 +124,10 @@ def test_off_turns_the_custom_all_reduce_off_only_where_the_one_stage_branch_mee
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["aiter_version"] == aiter and out["state"] in ("pristine", "unsupported")
-    # gemma_norm arrived in AITER v0.1.17 (ROCm/aiter#3792); no dist-info means "assume the pin".
-    old_aiter = aiter is None or aiter.startswith(("0.1.15", "0.1.16"))
+    # gemma_norm arrived in AITER v0.1.17 (ROCm/aiter#3792) and the fused one-stage exit barrier
+    # in v0.1.19.post1 (#4346): the patched model refuses off before both; no dist-info means
+    # "assume the pin".
+    old_aiter = aiter is None or not aiter.startswith("0.1.19")
     assert out["env"].get(CUSTOM_AR) == (None if version == "0.24.0" else
                                          "0" if version in ONE_STAGE and old_aiter else "1")
     assert set(out["env"]) == {MODE, *expected_switches(root), RAY}
