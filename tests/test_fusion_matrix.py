@@ -1008,6 +1008,32 @@ def test_patched_forward_matches_pristine_and_float64(fs, world, aux):
 
 
 @all_rows
+def test_patched_forward_with_the_release_ffn(fs):
+    """The same comparison with the release's own MiniMaxM3MoE / MiniMaxM3MLP (shared expert,
+    runner reductions) in every layer: off and control bit for bit the pristine model."""
+    config = ToyConfig()
+    emb = _embeds(config.hidden_size)
+
+    def run(mode, source=None):
+        with Stage(fs, SimTP(2), mode=mode) as st:
+            w = load_model(fs, st, model_source=source, real_ffn=True)
+            outs = st.tp.run(lambda r: run_forward(w, build_model(w, config), emb, fs))
+        return outs, st
+
+    base, st0 = run("off", pristine_text(fs, MODEL))
+    for mode in ("off", "control", "fused"):
+        got, st = run(mode)
+        for h, b in zip(got, base):
+            if mode == "fused":
+                assert rel_err(h, b) < MODEL_TOL
+            else:
+                assert torch.equal(h, b), mode
+        # as many reductions as the pristine model (vLLM's own one-stage op counts too, 0.30+)
+        total = st.fallback_all_reduces + len(st.upstream_op_calls) // 2
+        assert total == (st0.fallback_all_reduces + len(st0.upstream_op_calls) // 2 if mode != "fused" else 0)
+
+
+@all_rows
 def test_forward_run_catches_a_leaked_partial_capture(fs):
     """Sensitivity: a forward that captures without the all-reduce (issue 8's bug) fails."""
     text = patched_text(fs, MODEL)
@@ -1082,7 +1108,7 @@ def _moe_partial64(moe, x: torch.Tensor) -> torch.Tensor:
     return out + routed * ex.scale
 
 
-SHARED_CASES = [("off", 2, {}), ("control", 2, {}), ("fused", 2, {}), ("control", 4, {}),
+SHARED_CASES = [("off", 2, {}), ("control", 2, {}), ("fused", 2, {}), (None, 2, {}), ("control", 4, {}),
                 ("fused", 2, dict(pp=2)), ("control", 2, dict(dp=2)), ("off", 4, dict(moe_kernel_reduces=True))]
 
 
@@ -1092,7 +1118,7 @@ def _shared_params():
         cases = SHARED_CASES + ([("control", 2, dict(fuse_shared_experts=True)),
                                  ("off", 2, dict(fuse_shared_experts=True))] if fs.shared_expert_fusion else [])
         for mode, world, kw_ in cases:
-            label = "-".join([mode, f"tp{world}"] + [f"{k}={v}" for k, v in kw_.items()])
+            label = "-".join([mode or "unset", f"tp{world}"] + [f"{k}={v}" for k, v in kw_.items()])
             out.append(pytest.param(fs, mode, world, kw_, id=f"{fs.name}-{label}"))
     return out
 
@@ -1122,7 +1148,7 @@ def test_shared_expert_output_is_reduced_exactly_once(fs, mode, world, stage_kw)
             else None
     ref = sum(_moe_partial64(m, x) for m in moes)
     deferred = layer[0].defer_ffn_all_reduce
-    assert deferred is (mode != "off" and not stage_kw.get("pp") and not stage_kw.get("dp"))
+    assert deferred is (mode != "off" and not stage_kw.get("pp") and not stage_kw.get("dp"))  # None: unset = fused
     shared_reductions = [e for e in in_block if "shared_experts" in e]
     assert shared_reductions == [], "the shared expert reduced its own output"
     if deferred:
@@ -1192,3 +1218,87 @@ def test_nvidia_norm_of_the_same_name_takes_the_unpatched_path(fs, mode):
     for (a, b), (c, d) in zip(p_outs, n_outs):
         assert torch.equal(a, c) and torch.equal(b, d)
     assert recognised is False
+
+
+# ============================================================== APIs the patches call exist in the release
+def _module_names(text: str) -> set[str]:
+    """Names a module defines at top level (defs, classes, assignments, imports)."""
+    out = set()
+    for n in ast.parse(text).body:
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            out |= {(a.asname or a.name).split(".")[0] for a in n.names}
+        elif isinstance(n, ast.Assign):
+            out |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+        elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+            out.add(n.target.id)
+        elif isinstance(n, (ast.Try, ast.If)):
+            out |= _module_names(ast.unparse(n.body)) if n.body else set()
+    return out
+
+
+def _imports(text: str) -> set[tuple[str, str]]:
+    return {(n.module, a.name) for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom)
+            and n.module and n.module.startswith("vllm") for a in n.names}
+
+
+def _defines(fs, module: str, name: str, own: dict[str, str], depth: int = 0) -> bool:
+    """Whether `from module import name` resolves in the release: a submodule, a top-level
+    name, or a name re-exported through `from .x import *`."""
+    names = _wheel_names(fs.version)
+    path = module.replace(".", "/")
+    if f"{path}/{name}.py" in names or f"{path}/{name}/__init__.py" in names:
+        return True
+    text = own.get(module) or next((release_bytes(fs.version, p).decode()
+                                    for p in (path + ".py", path + "/__init__.py") if p in names), None)
+    if text is None:
+        return False
+    if name in _module_names(text):
+        return True
+    package = module if f"{path}/__init__.py" in names else module.rpartition(".")[0]
+    for n in ast.parse(text).body:
+        if isinstance(n, ast.ImportFrom) and [a.name for a in n.names] == ["*"] and depth < 3:
+            target = (package + "." + n.module) if n.level == 1 else n.module
+            if _defines(fs, target, name, own, depth + 1):
+                return True
+    return False
+
+
+@all_rows
+def test_patches_import_only_what_the_release_defines(fs):
+    """Every `from vllm... import name` a patch adds resolves in this release (or in the set's
+    own patched helper)."""
+    own = {HELPER.removesuffix(".py").replace("/", "."): patched_text(fs, HELPER)}
+    checked = 0
+    for rel in (HELPER, MODEL):
+        added = _imports(patched_text(fs, rel)) - _imports(pristine_text(fs, rel))
+        for module, name in sorted(added):
+            assert _defines(fs, module, name, own), f"{fs.name}: {rel} imports {name} from {module}, which has none"
+            checked += 1
+    assert checked >= 4  # tensor_model_parallel_all_reduce + the three helper functions, at least
+
+
+@all_rows
+def test_helper_calls_only_aiter_apis_the_release_has(fs):
+    """rocm_aiter_ops methods and AiterCustomAllreduce attributes the patched helper uses exist
+    in this release's vLLM (the stand-ins answer any of them; the release must too)."""
+    helper = ast.parse(patched_text(fs, HELPER))
+    used = {n.attr for n in ast.walk(helper) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "rocm_aiter_ops"}
+    ops = class_node(tree_of(release_bytes(fs.version, "vllm/_aiter_ops.py").decode()), "rocm_aiter_ops")
+    defined = {n.name for n in ops.body if isinstance(n, ast.FunctionDef)}
+    assert used and used <= defined, used - defined
+    if fs.aiter_api == "wrapper":
+        wrapper = class_node(tree_of(release_bytes(
+            fs.version, "vllm/distributed/device_communicators/aiter_custom_all_reduce.py").decode()),
+            "AiterCustomAllreduce")
+        members = {n.name for n in wrapper.body if isinstance(n, ast.FunctionDef)}
+        m3 = ast.parse("\n".join(src(n) for n in helper.body if isinstance(n, ast.FunctionDef)
+                                 and n.name.startswith(("_m3", "initialize_m3"))))
+        wrapper_attrs = {n.attr for n in ast.walk(m3) if isinstance(n, ast.Attribute)
+                         and isinstance(n.value, ast.Name) and n.value.id == "wrapper"}
+        assert wrapper_attrs == {"aiter_ca"} and "aiter_ca" in members
+    ps = _module_names(release_bytes(fs.version, "vllm/distributed/parallel_state.py").decode())
+    if "_ENABLE_CUSTOM_ALL_REDUCE" in patched_text(fs, HELPER):
+        assert "_ENABLE_CUSTOM_ALL_REDUCE" in ps
