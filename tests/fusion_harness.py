@@ -36,6 +36,7 @@ import hashlib
 import os
 import sys
 import types
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -87,12 +88,26 @@ _TREES: dict[str, ast.Module] = {}
 _OVERRIDES: dict[tuple[str, str], str] = {}
 
 
+_ZIPS: dict[str, zipfile.ZipFile] = {}
+
+
 def release_bytes(version: str, rel: str) -> bytes:
-    """A member of the release wheel, read once per session."""
+    """A member of the release wheel, read once per session (one open zip per release: its
+    central directory costs more to parse than most members do to read)."""
     key = (version, rel)
     if key not in _BYTES:
-        _BYTES[key] = realvllm.read_member(version, rel)
+        _BYTES[key] = _zip(version).read(rel)
     return _BYTES[key]
+
+
+def _zip(version: str) -> zipfile.ZipFile:
+    if version not in _ZIPS:
+        _ZIPS[version] = zipfile.ZipFile(realvllm.wheel_path(version))
+    return _ZIPS[version]
+
+
+def release_members(version: str) -> frozenset[str]:
+    return frozenset(_zip(version).namelist())
 
 
 def pristine_bytes(fs: FusionSet, rel: str) -> bytes:

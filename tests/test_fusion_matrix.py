@@ -20,6 +20,7 @@ import ast
 import base64
 import copy
 import csv
+import functools
 import hashlib
 import io
 import re
@@ -47,6 +48,7 @@ from fusion_harness import (
     pristine_bytes,
     pristine_text,
     release_bytes,
+    release_members,
     run_forward,
     tree_of,
 )
@@ -137,9 +139,9 @@ def _pass_config_fields(fs) -> set[str]:
     return {n.target.id for n in pc.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
 
 
-def _wheel_names(version: str) -> set[str]:
-    with zipfile.ZipFile(realvllm.wheel_path(version)) as zf:
-        return set(zf.namelist())
+@functools.cache
+def _wheel_names(version: str) -> frozenset[str]:
+    return release_members(version)
 
 
 @all_rows
