@@ -206,6 +206,9 @@ class FakeAiterWrapper:
 
 
 # ----------------------------------------------------------------------------- norms
+_CALLS_LOCK = threading.Lock()
+
+
 class M3Norm(torch.nn.Module):
     """Stand-in for M3's ROCm `MiniMAXGemmaRMSNorm` (model.py:242-271): fp32 math, scale
     `1 + weight`; `calls` counts forwards."""
@@ -217,7 +220,8 @@ class M3Norm(torch.nn.Module):
         self.calls = 0
 
     def forward(self, x, residual=None):
-        self.calls += 1
+        with _CALLS_LOCK:  # one norm may serve every simulated rank's thread
+            self.calls += 1
         xf = x.float()
         if residual is not None:
             xf = xf + residual.float()
