@@ -1,5 +1,5 @@
-"""CPU stand-ins shared by every fusion patch-set harness (tests/fusion_harness.py for
-vllm-0.24.0/0.26.0, tests/fusion_harness_033.py for vllm-0.33.0): no vLLM, AITER or GPU.
+"""CPU stand-ins for the fusion patch-set harness (tests/fusion_harness.py, every set):
+no vLLM, AITER or GPU.
 
 - `SimTP`: a simulated tensor-parallel group of N ranks, one thread per rank (the caller's
   thread at N = 1); its out-of-place all-reduce is an fp32 sum in rank order, rounded to the
@@ -121,7 +121,7 @@ class FakeAiterCA:
 
     `sum_dtype`: what the cross-rank sum is rounded to before the residual add. None (the
     default) rounds it to the input dtype, as vLLM's unfused all-reduce does;
-    torch.float32 keeps it in fp32 (what tests/fusion_harness.py's `Stage` builds)."""
+    torch.float32 keeps it in fp32 (what tests/fusion_harness.py's `Stage` builds by default)."""
 
     def __init__(self, tp: SimTP, *, disabled: bool = False, with_pool: bool = True,
                  fully_connected: bool = True, sum_dtype: torch.dtype | None = None) -> None:
@@ -227,6 +227,9 @@ class FakeAiterWrapper:
 
 
 # ----------------------------------------------------------------------------- norms
+_CALLS_LOCK = threading.Lock()
+
+
 class M3Norm(torch.nn.Module):
     """Stand-in for M3's ROCm `MiniMAXGemmaRMSNorm` (model.py:242-271): fp32 math, scale
     `1 + weight`; `calls` counts forwards."""
@@ -238,7 +241,8 @@ class M3Norm(torch.nn.Module):
         self.calls = 0
 
     def forward(self, x, residual=None):
-        self.calls += 1
+        with _CALLS_LOCK:  # one norm may serve every simulated rank's thread
+            self.calls += 1
         xf = x.float()
         if residual is not None:
             xf = xf + residual.float()
