@@ -48,6 +48,7 @@ from fusion_matrix import REPO, ROW_IDS, ROWS, Row
 from fusion_standins import (
     M3_MODULE,
     FakeAiterCA,
+    FakeAiterCAGemma,
     FakeAiterWrapper,
     OtherGemmaNorm,
     SimTP,
@@ -220,6 +221,13 @@ def fp32_sum_ca(tp: SimTP) -> FakeAiterCA:
     return FakeAiterCA(tp, sum_dtype=torch.float32)
 
 
+def fp32_sum_ca_gemma(tp: SimTP) -> FakeAiterCA:
+    """The same with a `custom_fused_ar_rms` that takes gemma_norm: the AITER `off` needs on the
+    rows with vLLM's own one-stage branch (0.30+); with the pinned signature the patched model
+    refuses `off` there at construction (tests/test_runtime.py covers that refusal)."""
+    return FakeAiterCAGemma(tp, sum_dtype=torch.float32)
+
+
 @dataclass
 class Stage:
     """Stand-in world for one patch set; use as a context manager."""
@@ -260,7 +268,10 @@ class Stage:
 
     def make_ca(self) -> FakeAiterCA:
         if self._ca is None:
-            self._ca = self.ca_factory(self.tp)
+            factory = self.ca_factory
+            if factory is fp32_sum_ca and self.fs.upstream_aiter_branch:
+                factory = fp32_sum_ca_gemma
+            self._ca = factory(self.tp)
         return self._ca
 
     @property
