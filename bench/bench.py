@@ -355,8 +355,8 @@ def fig_hashing(s: Setup, cfg: Config) -> Figure:
 
 
 def fig_download(s: Setup, cfg: Config) -> Figure:
-    from m3fuse.fetch import FetchConfig, obtain
-    from m3fuse.lock import LockedWheel
+    from m3fuse.wheels.fetch import FetchConfig, obtain
+    from m3fuse.wheels.lock import LockedWheel
 
     s.log("download ...")
     url = s.server.url(s.dl_name)
@@ -365,7 +365,7 @@ def fig_download(s: Setup, cfg: Config) -> Figure:
     if curl is None and shutil.which("apt-get") and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "-q", "curl"], capture_output=True)
         curl = shutil.which("curl")
-    fig = Figure("download", "download", f"m3fuse.fetch.obtain: {s.dl_size // MiB} MiB from 127.0.0.1 into an empty "
+    fig = Figure("download", "download", f"m3fuse.wheels.fetch.obtain: {s.dl_size // MiB} MiB from 127.0.0.1 into an empty "
                  "cache, sha256-verified (in process, requests already imported)",
                  "curl -s -o FILE of the same URL", "throughput", 0.9, s.dl_size)
     if curl is None:

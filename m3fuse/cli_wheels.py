@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import EnvironmentProblem, IntegrityError, UsageProblem
-from .lock import LockedWheel, add_wheel, load_lock, url_problem
+from .wheels.lock import LockedWheel, add_wheel, load_lock, url_problem
 from .resources import default_lock
 
 
@@ -41,7 +41,7 @@ def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, fi
                   python: str | None, all_wheels: bool) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
-    from .wheels import WheelOptions, fetch_only
+    from .wheels.step import WheelOptions, fetch_only
 
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
                         python=python or sys.executable, all_wheels=all_wheels)
@@ -63,10 +63,10 @@ def lock_group() -> None:
 def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record_url: str | None) -> None:
     """Pin the wheel at SOURCE (a URL or a local file): compute its sha256 and size, read its
     name and version from its metadata, and add or update the entry in the lock."""
-    from .fetch import FetchConfig, download
+    from .wheels.fetch import FetchConfig, download
     from .fingerprint import hash_file
-    from .lock import url_filename
-    from .wheelcheck import check_members, read_metadata
+    from .wheels.lock import url_filename
+    from .wheels.check import check_members, read_metadata
 
     lock_path = lock_path or default_lock()
     local = Path(source)
@@ -110,9 +110,9 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
 @click.option("--write-sizes", is_flag=True, help="Record the verified size of wheels the lock gives none for.")
 def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool) -> None:
     """Download every pinned wheel again (bypassing the cache) and confirm hash and size."""
-    from .fetch import FetchConfig, download, local_source, mismatch_message
+    from .wheels.fetch import FetchConfig, download, local_source, mismatch_message
     from .fingerprint import hash_file
-    from .lock import set_size
+    from .wheels.lock import set_size
 
     lock_path = lock_path or default_lock()
     lock = load_lock(lock_path)

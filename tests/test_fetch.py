@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from m3fuse.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, IntegrityError
-from m3fuse.fetch import FetchConfig, cache_path, default_cache_dir, obtain
-from m3fuse.lock import LockedWheel
+from m3fuse.wheels.fetch import FetchConfig, cache_path, default_cache_dir, obtain
+from m3fuse.wheels.lock import LockedWheel
 
 from wheelkit import FaultServer, build_wheel, cache_is_clean
 
@@ -217,7 +217,7 @@ def test_cached_install_path_does_not_import_requests(tmp_path, payload):
     sha = hashlib.sha256(payload).hexdigest()
     code = (
         "import sys; from pathlib import Path\n"
-        "from m3fuse.fetch import FetchConfig, obtain\nfrom m3fuse.lock import LockedWheel\n"
+        "from m3fuse.wheels.fetch import FetchConfig, obtain\nfrom m3fuse.wheels.lock import LockedWheel\n"
         f"w = LockedWheel({NAME!r}, 'https://unreachable.invalid/x.whl', {sha!r}, {len(payload)})\n"
         f"obtain(w, FetchConfig(cache_dir=Path({str(tmp_path / 'c')!r}), find_links=[Path({str(links)!r})]))\n"
         "print('requests' in sys.modules)\n")

@@ -94,7 +94,7 @@ def aiter_wheel(directory: Path, version: str = "0.1.15.post1+test", *, use_1sta
 
 def lock_text(entries: list[tuple[str, str, list[tuple[Path, str]]]], *, sizes: bool = True) -> str:
     """A lock for [(name, version, [(wheel_path, url), ...]), ...]."""
-    out = ['lock-version = "1.0"']
+    out = ['lock-version = "1.0"', 'created-by = "m3fuse-tests"']
     for name, version, wheels in entries:
         out += ["", "[[packages]]", f'name = "{name}"', f'version = "{version}"']
         for path, url in wheels:

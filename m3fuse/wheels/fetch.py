@@ -26,8 +26,8 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from .errors import EnvironmentProblem, IntegrityError
-from .fingerprint import hash_file
+from ..errors import EnvironmentProblem, IntegrityError
+from ..fingerprint import hash_file
 from .lock import LockedWheel
 
 CHUNK = 1 << 20  # local reads and hashing

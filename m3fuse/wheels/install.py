@@ -1,8 +1,10 @@
-"""Install verified wheels with the target interpreter's own pip, and check what is installed.
+"""Install verified wheels with the target interpreter's own pip (one run for all of them),
+and check what is installed.
 
 Everything about the target environment is asked of the target interpreter in a subprocess
-(it may be another Python than the one running m3fuse). One probe answers, per distribution:
-the installed version and whether every file its RECORD lists still hashes correctly.
+(it may be another Python than the one running m3fuse). One probe answers, per distribution,
+the installed version and whether every file its RECORD lists still hashes correctly, and
+whether the interpreter is externally managed (PEP 668).
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import EnvironmentProblem
+from ..errors import EnvironmentProblem
 from .lock import Lock
-from .target import query_interpreter
+from ..target import query_interpreter
 
 # Runs in the target interpreter; argv[1] is a JSON list of distribution names, argv[2] the
 # JSON list of those whose RECORD is to be checked (never torch: gigabytes, and not ours).
 # RECORD hashes are urlsafe base64 of the digest without padding (PEP 376 / wheel spec).
 _PROBE_SCRIPT = r"""
-import base64, hashlib, json, os, sys
+import base64, hashlib, json, os, sys, sysconfig
 from importlib import metadata as md
 names = json.loads(sys.argv[1])
+# PEP 668: the marker sits in the stdlib directory of the default scheme and does not apply
+# inside a virtual environment.
+try:
+    stdlib = sysconfig.get_path("stdlib", sysconfig.get_default_scheme())
+except AttributeError:  # Python < 3.10
+    stdlib = sysconfig.get_path("stdlib")
+marker = os.path.join(stdlib, "EXTERNALLY-MANAGED")
+managed = marker if sys.prefix == getattr(sys, "base_prefix", sys.prefix) and os.path.isfile(marker) else None
 check = set(json.loads(sys.argv[2]))
 out = {}
 for name in names:
@@ -64,15 +74,21 @@ for name in names:
                 if got != f.hash.value:
                     info["problems"].append("modified: %s" % f)
     out[name] = info
-print(json.dumps(out))
+print(json.dumps({"dists": out, "externally_managed": managed}))
 """
 
 
-def probe(python: str, names: list[str], *, record: list[str] | None = None) -> dict[str, dict | None]:
-    """{name: None if not installed, else {"version", "problems", "files"}}; RECORD hashes are
-    checked for the names in `record` (default: all of `names`)."""
+def probe(python: str, names: list[str], *, record: list[str] | None = None) -> dict:
+    """{"dists": {name: None if not installed, else {"version", "problems", "files"}},
+    "externally_managed": the PEP 668 marker path or None}; RECORD hashes are checked for the
+    names in `record` (default: all of `names`)."""
     return query_interpreter(python, _PROBE_SCRIPT, what="report its installed packages", timeout=300,
                              args=[json.dumps(names), json.dumps(names if record is None else record)])
+
+
+def versions(python: str, names: list[str]) -> dict[str, str | None]:
+    """{name: installed version or None}, RECORD not checked."""
+    return {n: (i or {}).get("version") for n, i in probe(python, names, record=[])["dists"].items()}
 
 
 def state_of(info: dict | None, version: str) -> str:
@@ -91,37 +107,46 @@ def state_of(info: dict | None, version: str) -> str:
     return "ok"
 
 
-def pip_install(python: str, wheel: Path, sha256: str) -> None:
-    """Install one verified wheel: no dependencies, no index, this file only, replacing any
-    other version. pip checks the hash again itself (--require-hashes through a requirements
-    file), so the file cannot be swapped between our check and its read."""
+def pip_install(python: str, wheels: list[tuple[Path, str]], *, break_system_packages: bool = False) -> None:
+    """Install verified wheels [(file, sha256), ...] in one pip run: no dependencies, no index,
+    these files only, replacing any other version. pip checks every hash again itself
+    (--require-hashes through a requirements file), so a file cannot be swapped between our
+    check and its read. Raises PipFailed with pip's exit status and output."""
     with tempfile.TemporaryDirectory(prefix="m3fuse-pip-") as d:
         req = Path(d) / "requirements.txt"
-        req.write_text(f"{wheel} --hash=sha256:{sha256}\n")
+        req.write_text("".join(f"{w} --hash=sha256:{sha}\n" for w, sha in wheels))
         cmd = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
                "--require-hashes", "--disable-pip-version-check", "--no-input", "--no-cache-dir",
                "-r", str(req)]
+        if break_system_packages:
+            cmd.append("--break-system-packages")
         env = dict(os.environ)
         # Index settings from the user's environment cannot matter with --no-index, but a
-        # PIP_FIND_LINKS or PIP_CONSTRAINT could; drop them so only this file is considered.
+        # PIP_FIND_LINKS or PIP_CONSTRAINT could; drop them so only these files are considered.
         for k in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_REQUIREMENT", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL"):
             env.pop(k, None)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env)
         except OSError as exc:
-            raise EnvironmentProblem(f"Running pip of the target Python {python} failed ({exc}).") from None
+            raise EnvironmentProblem(headline="running pip of the target Python failed",
+                                     details=[("python", python), ("error", str(exc))],
+                                     hint=f"check that {python} runs and has pip (`{python} -m ensurepip`)") from None
     if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        raise EnvironmentProblem(
-            f"pip of the target Python {python} failed to install {wheel.name} (exit {proc.returncode}): "
-            f"{tail} Fix the cause (permissions, disk space, a missing pip: `{python} -m ensurepip`) "
-            f"and run m3fuse install again; the wheel stays verified in the cache.")
+        raise PipFailed(proc.returncode, (proc.stderr.strip() or proc.stdout.strip())[-2000:])
+
+
+class PipFailed(Exception):
+    """pip exited non-zero; the wheel step turns this into an EnvironmentProblem that says what changed."""
+
+    def __init__(self, code: int, output: str) -> None:
+        super().__init__(output)
+        self.code, self.output = code, output
 
 
 def verify_wheels(lock: Lock, python: str) -> list[dict]:
     """For `m3fuse verify`: each pinned distribution installed, at the pinned version, with
     its RECORD-listed files intact. JSON-able, one dict per package in lock order."""
-    info = probe(python, [p.name for p in lock.packages])
+    info = probe(python, [p.name for p in lock.packages])["dists"]
     results = []
     for p in lock.packages:
         i = info.get(p.name)

@@ -1,8 +1,10 @@
-"""`wheels.lock`: read, validate and (for `m3fuse lock add`) rewrite the wheel pins.
+"""`wheels.lock`: read, validate and (for `m3fuse lock add`) edit the wheel pins.
 
-The layout follows the package/wheel part of PEP 751 (`pylock.toml`) so it reads familiarly::
+The file is a PEP 751 lock (`pylock.toml`); a copy named `pylock.m3fuse.toml` installs with
+pip 26.1+ (`pip install -r`) or uv (`uv pip install -r`)::
 
     lock-version = "1.0"
+    created-by = "m3fuse"
 
     [[packages]]
     name = "flydsl"
@@ -15,34 +17,37 @@ The layout follows the package/wheel part of PEP 751 (`pylock.toml`) so it reads
     hashes = { sha256 = "..." }
 
 Packages install in file order. A package may list several wheels (one per Python version,
-say); the one whose tags fit the target interpreter is chosen elsewhere (wheelcheck).
+say); `select_wheel` picks the one the target interpreter's tags rank best.
 
-Reading never imports `requests`: `m3fuse verify` loads the lock and must stay fast.
+A lock passes two gates: packaging's own PEP 751 validator (`Pylock.from_dict`), and the
+checks the spec does not make (sha256 on every wheel and of the right shape, the URL policy,
+one pin per distribution). Refusals are m3fuse's errors: file, entry, what is wrong, what to
+do. Reading never imports `requests`, and `m3fuse verify --no-wheels` never imports this module.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
-import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from .errors import UsageProblem
+from .. import tomlread as _toml
+from ..errors import UsageProblem
 
-if sys.version_info >= (3, 11):
-    import tomllib as _toml
-else:  # pragma: no cover - 3.10 only
-    import tomli as _toml
+if TYPE_CHECKING:
+    from packaging.tags import Tag
 
 LOCK_VERSION = "1.0"
+CREATED_BY = "m3fuse"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PEP 508 / core metadata name rule.
 _NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
@@ -90,37 +95,68 @@ class Lock:
         return next((p for p in self.packages if p.key == key), None)
 
 
+def select_wheel(pkg: LockedPackage, tags: Sequence[Tag]) -> LockedWheel | None:
+    """The wheel of `pkg` that `tags` (the target's, most preferred first) rank best, chosen
+    by packaging's own tag selector (what `Pylock.select` uses); None when none fits."""
+    from packaging.tags import create_compatible_tags_selector
+
+    best = create_compatible_tags_selector(tags)((w, parse_wheel_filename(w.name)[-1]) for w in pkg.wheels)
+    return next(best, None)
+
+
 # --------------------------------------------------------------------------------- reading
 
 
-def load_lock(path: Path) -> Lock:
+def load_lock(path: Path, *, spec: bool = True) -> Lock:
+    """Read and validate a lock. spec=False skips packaging's PEP 751 validator (only
+    `verify`, which reads the pins and must stay fast, does that; install, fetch and lock
+    always validate)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise LockError(
-            f"The wheel lock {path} does not exist. Pass an existing lock with --lock FILE, or "
-            f"create one with `m3fuse lock add URL|FILE --lock {path}`.") from None
+        raise LockError(headline="the wheel lock does not exist", details=[("file", str(path))],
+                        hint=f"pass an existing lock with --lock FILE, or create one with "
+                             f"`m3fuse lock add URL|FILE --lock {path}`") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise LockError(f"The wheel lock {path} cannot be read ({exc}). Check the path and its "
-                        f"permissions, or pass another lock with --lock FILE.") from None
-    return parse_lock(text, path)
+        raise LockError(headline="the wheel lock cannot be read", details=[("file", str(path)), ("error", str(exc))],
+                        hint="check the path and its permissions, or pass another lock with --lock FILE") from None
+    return parse_lock(text, path, spec=spec)
 
 
-def parse_lock(text: str, path: Path) -> Lock:
+def parse_lock(text: str, path: Path, *, spec: bool = True) -> Lock:
+    path = Path(path)
     try:
         data = _toml.loads(text)
     except _toml.TOMLDecodeError as exc:
-        raise LockError(f"The wheel lock {path} is not valid TOML ({exc}). Fix the file by hand or "
-                        f"restore it from version control; nothing was downloaded or installed.") from None
-    return _validate(data, Path(path))
+        raise LockError(headline="the wheel lock is not valid TOML", details=[("file", str(path)), ("error", str(exc))],
+                        hint="fix the file by hand or restore it from version control; nothing was "
+                             "downloaded or installed") from None
+    lock = _validate(data, path)
+    if spec:
+        _validate_spec(data, path)
+    return lock
 
 
 def _bad(path: Path, where: str, problem: str) -> LockError:
-    # One paragraph: file, the entry, what is wrong, what to do.
-    return LockError(f"The wheel lock {path} is refused: {where}: {problem}. Fix that entry (or "
-                     f"re-create it with `m3fuse lock add URL|FILE --lock {path}`); nothing was "
-                     f"downloaded or installed.")
+    return LockError(headline=f"the wheel lock is refused: {problem}",
+                     details=[("file", str(path)), ("entry", where)],
+                     hint=f"fix that entry (or re-create it with `m3fuse lock add URL|FILE --lock {path}`); "
+                          f"nothing was downloaded or installed")
+
+
+def _validate_spec(data: dict, path: Path) -> None:
+    """packaging's PEP 751 validator, its findings worded as m3fuse's."""
+    from packaging.pylock import Pylock, PylockValidationError
+
+    try:
+        Pylock.from_dict(data)
+    except PylockValidationError as exc:
+        key = exc.context or "top level"
+        problem = f"{exc.message} (PEP 751)"
+        if key == "created-by":
+            problem = f'created-by is missing; PEP 751 requires it (add created-by = "{CREATED_BY}" at the top level)'
+        raise _bad(path, key, problem) from None
 
 
 def _validate(data: dict, path: Path) -> Lock:
@@ -242,178 +278,186 @@ def url_filename(url: str) -> str:
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
+
 # --------------------------------------------------------------------------------- writing
 #
-# `m3fuse lock add` edits the file a person maintains, so it keeps that file's comments and
-# order: the text is cut into a head and blocks (one per `[[packages]]` / `[[packages.wheels]]`
-# header, each block taking the comment lines just above its header) and only the lines of
-# the entries that change are rewritten. New entries are rendered by the tiny writer below,
-# which only knows this fixed schema.
-
-_PKG_HDR = re.compile(r"^\s*\[\[\s*packages\s*\]\]\s*(#.*)?$")
-_WHL_HDR = re.compile(r"^\s*\[\[\s*packages\s*\.\s*wheels\s*\]\]\s*(#.*)?$")
+# `m3fuse lock add` edits the file a person maintains. tomlkit keeps its comments, order and
+# layout; the one thing it gets wrong here is ownership of the comment lines just above a
+# `[[packages]]` header: it files them at the end of the table before, so a key or table
+# appended there would land below the comment that describes the *next* entry. _Trailer moves
+# those lines out of the way during an edit and puts them back after it.
 
 
-def toml_str(s: str) -> str:
-    # JSON string escapes (\", \\, \n, \uXXXX, ...) are all valid TOML basic-string escapes;
-    # JSON leaves DEL raw, which TOML forbids (found by the round-trip property test).
-    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+class _Trailer:
+    """The comment/blank lines at the end of a table's body (they describe the next header)."""
+
+    def __init__(self, table: object) -> None:
+        body = table.value.body  # type: ignore[attr-defined]
+        self.items = []
+        while body and body[-1][0] is None:
+            self.items.insert(0, body.pop()[1])
+
+    def restore(self, table: object) -> None:
+        for item in self.items:
+            table.add(item)  # type: ignore[attr-defined]
 
 
-def render_wheel(w: LockedWheel) -> list[str]:
-    lines = ["[[packages.wheels]]", f"name = {toml_str(w.name)}", f"url = {toml_str(w.url)}"]
-    if w.size is not None:
-        lines.append(f"size = {w.size}")
-    lines.append(f"hashes = {{ sha256 = {toml_str(w.sha256)} }}")
-    return lines
+def _append_table(seq, new, prev, last_of) -> None:  # noqa: ANN001 - tomlkit objects
+    """Append `new` to the array of tables `seq`, after `prev` (the table whose body ends
+    where seq ends), with prev's trailing comments moved below it (they describe whatever
+    header comes next)."""
+    trailer = _Trailer(prev) if prev is not None else None
+    seq.append(new)
+    if trailer:
+        trailer.restore(last_of(new))
 
 
-def render_package(p: LockedPackage) -> list[str]:
-    lines = ["[[packages]]", f"name = {toml_str(p.name)}", f"version = {toml_str(p.version)}"]
-    for w in p.wheels:
-        lines += [""] + render_wheel(w)
-    return lines
+def _new_doc():  # noqa: ANN202 - a tomlkit document
+    import tomlkit
+
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("Pinned wheels for m3fuse; see docs/wheels.md."))
+    doc["lock-version"] = LOCK_VERSION
+    doc["created-by"] = CREATED_BY
+    return doc
 
 
-def render_lock(packages: list[LockedPackage] | tuple[LockedPackage, ...], header: str = "") -> str:
-    out = [ln for ln in header.splitlines()] + [f"lock-version = {toml_str(LOCK_VERSION)}"]
-    for p in packages:
-        out += [""] + render_package(p)
+_HEADER = re.compile(r"^\s*\[\[")
+_LOCK_VERSION_LINE = re.compile(r"^lock-version\s*=.*$", re.MULTILINE)
+
+
+def _tidy(text: str) -> str:
+    """One blank line before each entry (its header, or the comment block just above it):
+    tomlkit writes new tables flush against the previous one."""
+    lines = text.rstrip("\n").split("\n")
+    out: list[str] = []
+    for line in lines:
+        if _HEADER.match(line):
+            k = len(out)
+            while k > 0 and out[k - 1].lstrip().startswith("#"):
+                k -= 1
+            if k > 0 and out[k - 1].strip():
+                out.insert(k, "")
+        out.append(line)
     return "\n".join(out) + "\n"
 
 
-@dataclass
-class _Block:
-    kind: str  # "pkg" | "whl"
-    lines: list[str]
+def _wheel_table(w: LockedWheel):  # noqa: ANN202 - a tomlkit table
+    import tomlkit
+
+    t = tomlkit.table()
+    t["name"] = w.name
+    t["url"] = w.url
+    if w.size is not None:
+        t["size"] = w.size
+    t["hashes"] = _hashes(w.sha256)
+    return t
 
 
-def _split(text: str) -> tuple[list[str], list[_Block]]:
-    head: list[str] = []
-    blocks: list[_Block] = []
-    # Split on "\n" only: str.splitlines() also breaks at U+0085, U+2028 ..., which TOML
-    # allows raw inside strings (found by the round-trip property test).
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for line in lines:
-        line = line[:-1] if line.endswith("\r") else line
-        kind = "pkg" if _PKG_HDR.match(line) else "whl" if _WHL_HDR.match(line) else None
-        if kind is None:
-            (blocks[-1].lines if blocks else head).append(line)
-            continue
-        prev = blocks[-1].lines if blocks else head
-        # Comment lines directly above a header describe the entry that follows.
-        k = len(prev)
-        while k > 0 and prev[k - 1].lstrip().startswith("#"):
-            k -= 1
-        lead = prev[k:]
-        del prev[k:]
-        blocks.append(_Block(kind, lead + [line]))
-    return head, blocks
+def _hashes(sha: str):  # noqa: ANN202
+    import tomlkit
+
+    # Parsed rather than built, so the inline table keeps the file's `{ sha256 = "..." }` spacing.
+    return tomlkit.parse(f'h = {{ sha256 = "{sha}" }}')["h"]
 
 
-def _key_of(line: str) -> str | None:
-    m = re.match(r"^\s*([A-Za-z0-9_-]+)\s*=", line)
-    return m.group(1) if m else None
+def _last_table(pkg):  # noqa: ANN001,ANN202 - the table whose body ends where pkg's entry ends
+    wheels = pkg.get("wheels")
+    return wheels[-1] if wheels is not None and len(wheels) else pkg
 
 
-def _set_key(block: _Block, key: str, value_toml: str | None) -> None:
-    """Set (or with None, drop) a simple `key = value` line in a block, in place."""
-    idx = next((i for i, ln in enumerate(block.lines) if _key_of(ln) == key), None)
-    if value_toml is None:
-        if idx is not None:
-            del block.lines[idx]
-        return
-    new = f"{key} = {value_toml}"
-    if idx is not None:
-        block.lines[idx] = new
-        return
-    # A new size goes above the hashes line (the order render_wheel uses); anything else
-    # after the last key line, before trailing blank/comment lines.
-    hashes = next((i for i, ln in enumerate(block.lines) if _key_of(ln) == "hashes"), None)
-    if key == "size" and hashes is not None:
-        block.lines.insert(hashes, new)
-        return
-    last = max((i for i, ln in enumerate(block.lines) if _key_of(ln) or ln.strip().startswith("[[")), default=0)
-    block.lines.insert(last + 1, new)
+def render_lock(packages: Sequence[LockedPackage]) -> str:
+    """A fresh lock holding `packages` (tests and tools build locks with it)."""
+    import tomlkit
+
+    doc = _new_doc()
+    for p in packages:
+        doc.setdefault("packages", tomlkit.aot()).append(_package_table(p.name, p.version, p.wheels))
+    return _tidy(tomlkit.dumps(doc))
 
 
-def _block_value(block: _Block, key: str) -> object:
-    try:
-        d = _toml.loads("\n".join(ln for ln in block.lines if _key_of(ln)))
-    except _toml.TOMLDecodeError:
-        return None
-    return d.get(key)
+def _package_table(name: str, version: str, wheels: Sequence[LockedWheel]):  # noqa: ANN202
+    import tomlkit
+
+    t = tomlkit.table()
+    t["name"] = name
+    t["version"] = version
+    aot = tomlkit.aot()
+    for w in wheels:
+        aot.append(_wheel_table(w))
+    t["wheels"] = aot
+    return t
 
 
 def add_wheel(path: Path, name: str, version: str, wheel: LockedWheel) -> str:
     """Add or update the pin of `name` to `version` with `wheel`; returns what was done
     ("added", "updated", "unchanged"). Same version: the wheel with this file name is
     replaced or a new one appended (several wheels per package are allowed). Another version:
-    the package's wheels are replaced by this one. The result is re-parsed before it replaces
-    the file, so a bad edit never lands."""
+    the package's wheels are replaced by this one. The result is re-validated before it
+    replaces the file, so a bad edit never lands."""
+    import tomlkit
+
     path = Path(path)
     problem = url_problem(wheel.url)
     if problem:
         raise _bad(path, f"new wheel {wheel.name}", problem)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if text.strip():
-        before = parse_lock(text, path)  # refuse to edit a lock that is already broken
+        # Refuse to edit a lock that is already broken; a missing created-by (locks written
+        # before m3fuse followed PEP 751 fully) is the one thing an edit repairs.
+        before = parse_lock(text, path, spec=False)
+        if "created-by" not in _toml.loads(text):
+            text = _LOCK_VERSION_LINE.sub(lambda m: f'{m.group(0)}\ncreated-by = "{CREATED_BY}"', text, count=1)
+        doc = tomlkit.parse(text)
     else:
-        before = Lock(path=path)
-        text = render_lock([], header="# Pinned wheels for m3fuse; see docs/wheels.md.")
-    head, blocks = _split(text)
-
-    # Group blocks into packages: a pkg block followed by its whl blocks.
-    groups: list[list[_Block]] = []
-    for b in blocks:
-        if b.kind == "pkg" or not groups:
-            groups.append([b])
-        else:
-            groups[-1].append(b)
+        before, doc = Lock(path=path), _new_doc()
     key = canonicalize_name(name)
-    target = next((g for g in groups if g[0].kind == "pkg" and isinstance(_block_value(g[0], "name"), str)
-                   and canonicalize_name(_block_value(g[0], "name")) == key), None)  # type: ignore[arg-type]
-    new_wblock = _Block("whl", render_wheel(wheel))
+    pkgs = doc.get("packages")
+    target = next((p for p in (pkgs or []) if canonicalize_name(str(p.get("name", ""))) == key), None)
     old = before.package(name)
     if target is None:
-        pkg_lines = ["[[packages]]", f"name = {toml_str(name)}", f"version = {toml_str(version)}"]
-        groups.append([_Block("pkg", pkg_lines), new_wblock])
+        if pkgs is None:
+            doc["packages"] = pkgs = tomlkit.aot()
+        _append_table(pkgs, _package_table(name, version, [wheel]), _last_table(pkgs[-1]) if len(pkgs) else None,
+                      _last_table)
         action = "added"
+    elif old is None or Version(old.version) != Version(version):
+        trailer = _Trailer(_last_table(target))
+        target["version"] = version
+        target["wheels"].clear()
+        _append_table(target["wheels"], _wheel_table(wheel), None, lambda t: t)
+        trailer.restore(_last_table(target))
+        action = "updated"
     else:
-        same_version = old is not None and Version(old.version) == Version(version)
-        if not same_version:
-            _set_key(target[0], "version", toml_str(version))
-            del target[1:]
-            target.append(new_wblock)
-            action = "updated"
+        wheels = target["wheels"]
+        wt = next((w for w in wheels if w.get("name") == wheel.name), None)
+        if wt is None:
+            _append_table(wheels, _wheel_table(wheel), wheels[-1], lambda t: t)
+            action = "added"
         else:
-            idx = next((i for i, b in enumerate(target) if b.kind == "whl" and _block_value(b, "name") == wheel.name), None)
-            if idx is None:
-                target.append(new_wblock)
-                action = "added"
+            if old.wheels[[w.name for w in old.wheels].index(wheel.name)] == wheel:
+                return "unchanged"
+            wt["url"] = wheel.url
+            hashes = wt["hashes"]
+            if wheel.size is None:
+                wt.pop("size", None)
+            elif "size" in wt:
+                wt["size"] = wheel.size
             else:
-                wb = target[idx]
-                prior = old.wheels[[w.name for w in old.wheels].index(wheel.name)] if old else None
-                if prior == wheel:
-                    return "unchanged"
-                _set_key(wb, "url", toml_str(wheel.url))
-                _set_key(wb, "size", None if wheel.size is None else str(wheel.size))
-                _set_key(wb, "hashes", f"{{ sha256 = {toml_str(wheel.sha256)} }}")
-                action = "updated"
-    lines = list(head)
-    for g in groups:
-        for b in g:
-            # Keep a blank line between entries (new blocks carry none of their own).
-            if lines and lines[-1].strip() and b.lines[0].strip():
-                lines.append("")
-            lines.extend(b.lines)
-    out = "\n".join(lines).rstrip("\n") + "\n"
+                # size goes above hashes (the order the spec's examples use): take hashes
+                # out, add size, put hashes back, with the lines around it where they were.
+                trailer = _Trailer(wt)
+                del wt["hashes"]
+                wt["size"] = wheel.size
+                wt["hashes"] = hashes
+                trailer.restore(wt)
+            wt["hashes"] = _hashes(wheel.sha256)
+            action = "updated"
+    out = _tidy(tomlkit.dumps(doc))
     after = parse_lock(out, path)
     got = after.package(name)
-    if got is None or wheel not in got.wheels:  # pragma: no cover - guards the writer itself
-        raise _bad(path, name, "internal error: the rewritten lock does not hold the new pin; the file was left as it was")
+    if got is None or wheel not in got.wheels:  # pragma: no cover - guards the edit itself
+        raise _bad(path, name, "internal error: the edited lock does not hold the new pin; the file was left as it was")
     _atomic_write(path, out)
     return action
 
