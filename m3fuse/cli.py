@@ -28,6 +28,7 @@ def _dumps(obj: Any) -> str:
 def _emit_error(exc: M3fuseError, as_json: bool, extra: dict[str, Any] | None = None) -> int:
     if as_json:
         body = {"ok": False, "error": {"kind": exc.kind, "exit_code": exc.exit_code, "message": exc.message}}
+        body.update(getattr(exc, "payload", None) or {})
         body.update(extra or {})
         click.echo(_dumps(body))
     else:

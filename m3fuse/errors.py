@@ -52,18 +52,19 @@ class M3fuseError(Exception):
             message = render(self.headline, self.details, hint)
         super().__init__(message)
         self.message = message
+        # Extra keys for the --json error object (e.g. the wheel plan a refusal was judged on).
+        self.payload: dict = {}
 
 
 def render(headline: str, details: Sequence[Row] = (), hint: str | None = None) -> str:
     """The scannable layout: headline, aligned label/value rows (grouped under sub-headings
     where given), one `hint:` line."""
     lines = [headline]
-    nested = any(not label for label, _ in details)
     group: list[Row] = []
+    pad = "  "  # rows under a sub-heading are indented one step further
 
     def flush() -> None:
         width = max((len(label) for label, _ in group), default=0) + 1
-        pad = "    " if nested else "  "
         for label, value in group:
             lines.append(f"{pad}{label + ':':<{width}} {value}")
         group.clear()
@@ -74,6 +75,7 @@ def render(headline: str, details: Sequence[Row] = (), hint: str | None = None) 
             continue
         flush()
         lines.append(f"  {value}")
+        pad = "    "
     flush()
     if hint:
         lines.append(f"hint: {hint}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, Row
+from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row
 from ..fingerprint import hash_file
 from . import plan as planner
 from .check import check_wheel, target_tags
@@ -80,11 +80,16 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     steps = planner.plan(lock, before, force=opts.force_reinstall)
     for s in steps:
         echo(planner.describe(s))
-    if not opts.allow_downgrade:
-        planner.refuse_downgrades(steps, python)
     todo = [s for s in steps if s.changes]
-    if todo:
-        planner.refuse_externally_managed(seen.get("externally_managed"), python, allowed=opts.break_system_packages)
+    try:
+        if not opts.allow_downgrade:
+            planner.refuse_downgrades(steps, python)
+        if todo:
+            planner.refuse_externally_managed(seen.get("externally_managed"), python,
+                                              allowed=opts.break_system_packages)
+    except M3fuseError as exc:
+        exc.payload = {"wheels": planner.as_json(steps)}  # --json shows the plan it was judged on
+        raise
     planner.choose_wheels(steps, lambda: target_tags(python), lock, python)
     results = planner.as_json(steps)
     by_name = {r["name"]: r for r in results}

@@ -1,0 +1,160 @@
+"""The plan of the wheel step on real interpreters, through the real CLI: no silent downgrade,
+PEP 668 targets refused before any download, and one pip run whose failure says what changed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from m3fuse.errors import EXIT_ENVIRONMENT
+from wheelkit import (FaultServer, aiter_wheel, build_wheel, installed, lock_text, make_system_python, make_venv)
+
+pytestmark = pytest.mark.slow
+
+AITER_PIN = "0.1.15.post1+rocm7.2.test"
+AITER_NEWER = "0.1.21.post2"  # what newer ROCm vLLM images ship
+FLY_V = "0.1.9.dev1+abc"
+
+
+@pytest.fixture
+def server():
+    with FaultServer() as srv:
+        yield srv
+
+
+def served_lock(tmp_path: Path, srv: FaultServer) -> Path:
+    w = tmp_path / "wheels"
+    fly = build_wheel(w, "demo-fly", FLY_V, {"demo_fly/__init__.py": "X = 1\n"})
+    aiter = aiter_wheel(w, AITER_PIN)
+    lock = tmp_path / "test.lock"
+    lock.write_text(lock_text([("demo-fly", FLY_V, [(fly, srv.add(fly.name, fly.read_bytes()))]),
+                               ("amd-aiter", AITER_PIN, [(aiter, srv.add(aiter.name, aiter.read_bytes()))])]))
+    return lock
+
+
+def install(lock: Path, py: Path, tmp_path: Path, *extra: str):
+    return run_cli("install", "--no-patches", "--lock", str(lock), "--python", str(py),
+                   "--cache-dir", str(tmp_path / "cache"), *extra)
+
+
+def test_newer_installed_aiter_is_not_silently_downgraded(tmp_path, server):
+    py = make_venv(tmp_path / "venv")
+    newer = aiter_wheel(tmp_path / "image", AITER_NEWER)
+    import subprocess  # the image's own AITER, installed by pip as the image build would
+
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(newer)], check=True)
+    lock = served_lock(tmp_path, server)
+
+    r = install(lock, py, tmp_path)
+    assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
+    err = r.stderr
+    assert "would downgrade 1 distribution" in err and "nothing was changed" in err
+    assert re.search(rf"^    installed: +{re.escape(AITER_NEWER)}$", err, re.M), err
+    assert re.search(rf"^    pinned: +{re.escape(AITER_PIN)}$", err, re.M), err
+    assert "--allow-downgrade" in err.splitlines()[-1] and err.splitlines()[-1].startswith("hint: ")
+    assert installed(py, "amd-aiter") == AITER_NEWER and installed(py, "demo-fly") is None
+    assert server.log == []  # refused before any download
+
+    # --dry-run --json: the same refusal, with the plan it was judged on.
+    r = install(lock, py, tmp_path, "--dry-run", "--json")
+    assert r.returncode == EXIT_ENVIRONMENT
+    out = json.loads(r.stdout)
+    assert out["error"]["kind"] == "downgrade" and out["error"]["exit_code"] == EXIT_ENVIRONMENT
+    assert [(w["name"], w["installed_version"], w["pinned_version"], w["action"]) for w in out["wheels"]] == [
+        ("demo-fly", None, FLY_V, "install"), ("amd-aiter", AITER_NEWER, AITER_PIN, "downgrade")]
+
+    # With --allow-downgrade the dry run shows the plan and changes nothing ...
+    r = install(lock, py, tmp_path, "--dry-run", "--json", "--allow-downgrade")
+    assert r.returncode == 0, r.stderr
+    assert [(w["action"], w["result"]) for w in json.loads(r.stdout)["wheels"]] == [("install", "dry-run"),
+                                                                                 ("downgrade", "dry-run")]
+    assert installed(py, "amd-aiter") == AITER_NEWER
+    # ... and the real run replaces it.
+    r = install(lock, py, tmp_path, "--allow-downgrade", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(w["action"], w["result"]) for w in json.loads(r.stdout)["wheels"]] == [("install", "installed"),
+                                                                                 ("downgrade", "installed")]
+    assert installed(py, "amd-aiter") == AITER_PIN and installed(py, "demo-fly") == FLY_V
+    # Now at the pins: a plain run keeps both.
+    r = install(lock, py, tmp_path, "--dry-run")
+    assert r.returncode == 0
+    assert f"amd-aiter: installed {AITER_PIN}, pinned {AITER_PIN}: keep" in r.stdout
+
+
+def test_externally_managed_python_refused_before_any_download(tmp_path, server):
+    py = make_system_python(tmp_path / "usr")
+    lock = served_lock(tmp_path, server)
+    r = install(lock, py, tmp_path)
+    assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
+    err = r.stderr
+    assert "externally managed (PEP 668)" in err and "nothing was downloaded or installed" in err
+    assert str(tmp_path / "usr" / "lib") in err and "EXTERNALLY-MANAGED" in err
+    hint = err.splitlines()[-1]
+    assert hint.startswith("hint: ") and "-m venv" in hint and "--break-system-packages" in hint
+    assert server.log == [] and not (tmp_path / "cache").exists()
+    assert installed(py, "demo-fly") is None
+    # CI=true changes nothing.
+    r2 = run_cli("install", "--no-patches", "--lock", str(lock), "--python", str(py), "--cache-dir",
+                 str(tmp_path / "cache"), env={"CI": "true"})
+    assert (r2.returncode, r2.stderr) == (r.returncode, r.stderr) and server.log == []
+    # The real pip agrees it is externally managed (our probe follows the spec as pip does).
+    import subprocess
+
+    p = subprocess.run([str(py), "-m", "pip", "install", "--no-index", str(next((tmp_path / "wheels").glob("demo_fly-*.whl")))],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "externally-managed-environment" in p.stderr
+    # --break-system-packages: m3fuse installs, passing the flag on to pip.
+    r = install(lock, py, tmp_path, "--break-system-packages")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(py, "demo-fly") == FLY_V and installed(py, "amd-aiter") == AITER_PIN
+    site = tmp_path / "usr" / "lib" / f"python{__import__('sys').version_info[0]}.{__import__('sys').version_info[1]}"
+    assert (site / "site-packages" / "demo_fly" / "__init__.py").is_file()
+
+
+def test_a_venv_is_never_externally_managed(tmp_path, server):
+    """The marker of the base Python does not apply inside a venv (PEP 668): a venv made from
+    the pretend system Python installs without the flag."""
+    base = make_system_python(tmp_path / "usr")
+    import subprocess
+
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    py = tmp_path / "venv" / "bin" / "python3"
+    # pip for the venv: the base's (linked, not installed, so the base stays untouched).
+    sp = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    (sp / "pip").symlink_to((next((tmp_path / "usr" / "lib").glob("python*/site-packages")) / "pip").resolve())
+    lock = served_lock(tmp_path, server)
+    r = install(lock, py, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(py, "amd-aiter") == AITER_PIN
+
+
+def test_one_pip_run_and_a_failure_that_says_what_changed(tmp_path, server):
+    py = make_venv(tmp_path / "venv")
+    lock = served_lock(tmp_path, server)
+    sp = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    # A plain file where AITER's package directory must go: pip fails on that wheel only.
+    (sp / "aiter").write_text("in the way\n")
+    r = install(lock, py, tmp_path)
+    assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
+    err = r.stderr
+    assert r.stdout.count("-m pip: ") == 1  # one pip run for both wheels
+    assert f"pip failed installing amd-aiter {AITER_PIN}" in err.splitlines()[0]
+    assert re.search(r"^  failed on: +amd_aiter-", err, re.M), err
+    changed = err[err.index("changed by this run"):err.index("pip said")]
+    fly_now = installed(py, "demo-fly")
+    if fly_now:  # pip keeps the wheels it installed before the failing one: reported exactly
+        assert re.search(rf"^    demo-fly: +not installed -> {re.escape(FLY_V)}$", changed, re.M), err
+    else:
+        assert "demo-fly" not in changed
+    assert "amd-aiter" not in changed and installed(py, "amd-aiter") is None
+    # Out of the way, the same command completes from the verified cache.
+    (sp / "aiter").unlink()
+    n = len(server.log)
+    r = install(lock, py, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert installed(py, "amd-aiter") == AITER_PIN and installed(py, "demo-fly") == FLY_V
+    assert len(server.log) == n
