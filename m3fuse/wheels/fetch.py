@@ -30,11 +30,9 @@ from ..errors import EnvironmentProblem, IntegrityError
 from ..fingerprint import hash_file
 from .lock import LockedWheel
 
-CHUNK = 1 << 20  # local reads and hashing
-NET_CHUNK = 1 << 18  # network reads: a read cut short by a dropped connection loses its whole
-# chunk (urllib3 raises instead of returning the partial read), so keep it small for resume;
-# 256 KiB rather than 64 KiB: ~0.78 -> ~0.95 GB/s from loopback (bench/bench.py), at most
-# 256 KiB fetched again after a drop
+CHUNK = 1 << 20  # reads, hashing and writes
+NET_CHUNK = 1 << 18  # the decoding fallback only (content-encoded bodies): a read cut short there
+# loses its whole chunk (urllib3 raises instead of returning the partial read)
 USER_AGENT = "m3fuse (wheel fetch)"
 
 
@@ -51,7 +49,7 @@ class FetchConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 15.0
     read_timeout: float = 60.0  # longest silence tolerated mid-body
-    progress: bool | None = None  # None: a bar when stderr is a terminal
+    progress: bool | None = None  # None: a bar when stderr is a terminal; False: never
     echo: Callable[[str], None] = _quiet
 
     def cache_root(self) -> Path:
@@ -94,33 +92,96 @@ def mismatch_message(wheel: LockedWheel, source: str, got_sha: str, got_size: in
             "re-pin it with `m3fuse lock add`.")
 
 
-class _Progress:
-    """A one-line bar on a terminal; otherwise nothing (the caller echoes start/end lines)."""
+def _bar(label: str, total: int | None, have: int, show: bool | None):  # noqa: ANN202 - click's bar or None
+    """click's progress bar when stderr is a terminal; None when it is not or show is False
+    (the caller echoes plain lines)."""
+    if show is False or not sys.stderr.isatty():
+        return None
+    import click
 
-    def __init__(self, name: str, total: int | None, enabled: bool) -> None:
-        self.name, self.total, self.enabled = name, total, enabled
-        self.last = 0.0
+    bar = click.progressbar(length=total, label=f"  {label[:40]}", file=sys.stderr, show_pos=False,
+                            show_percent=total is not None, width=30)
+    bar.__enter__()
+    if have:
+        bar.update(have)
+    return bar
 
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < 0.1 and (self.total is None or done < self.total):
-            return
-        self.last = now
-        if self.total:
-            pct = min(100, done * 100 // self.total)
-            bar = "#" * (pct * 30 // 100)
-            line = f"\r  {self.name[:40]:40} [{bar:30}] {pct:3d}% {done / 1e6:8.1f} MB"
-        else:
-            line = f"\r  {self.name[:40]:40} {done / 1e6:8.1f} MB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
 
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+class _Pump:
+    """Reads a response body into rotating buffers while a worker thread hashes and writes
+    the buffer read before (sha256 and file writes release the GIL, so on two cores the
+    three overlap). `done` counts the bytes hashed and written, also after a failed read,
+    so a retry resumes exactly there."""
+
+    BUFFERS = 4
+
+    def __init__(self, f, h) -> None:  # noqa: ANN001 - a binary file, a hashlib object
+        import queue
+        import threading
+
+        self.f, self.h, self.done = f, h, 0
+        self.free: queue.Queue = queue.Queue()
+        self.full: queue.Queue = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.error: BaseException | None = None
+        self.worker = threading.Thread(target=self._work, name="m3fuse-hash-write", daemon=True)
+        self.worker.start()
+
+    def _work(self) -> None:
+        while (item := self.full.get()) is not None:
+            buf, n = item
+            if self.error is None:
+                try:
+                    mv = memoryview(buf)[:n]
+                    self.h.update(mv)
+                    self.f.write(mv)
+                    self.done += n
+                except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+                    self.error = exc
+            self.free.put(buf)
+
+    def run(self, readinto, limit: int | None, progress) -> None:  # noqa: ANN001
+        """Read until EOF (or past `limit` bytes in all); re-raises a read error only after
+        every byte read before it is hashed and written."""
+        read = 0
+        try:
+            while self.error is None:
+                buf = self.free.get()
+                n = readinto(buf)
+                if not n:
+                    self.free.put(buf)
+                    break
+                self.full.put((buf, n))
+                read += n
+                if progress is not None:
+                    progress.update(n)
+                if limit is not None and read > limit:
+                    break
+        finally:
+            self.full.put(None)
+            self.worker.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _readinto(resp):  # noqa: ANN001,ANN202
+    """The lowest-level reader of the body that still gets it right: http.client's readinto
+    straight into our buffer (no copy, and a dropped connection keeps its partial read) when
+    the body is not content-encoded; otherwise requests' decoding iterator."""
+    fp = getattr(resp.raw, "_fp", None)
+    if fp is not None and hasattr(fp, "readinto") and resp.headers.get("Content-Encoding", "identity") == "identity":
+        return fp.readinto
+    chunks = resp.iter_content(NET_CHUNK)
+
+    def from_iter(buf: bytearray) -> int:
+        for chunk in chunks:
+            if chunk:
+                buf[:len(chunk)] = chunk
+                return len(chunk)
+        return 0
+
+    return from_iter
 
 
 class _Retry(Exception):
@@ -311,12 +372,14 @@ def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | Non
 
 def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
               label: str, expected_sha256: str | None) -> tuple[str, int]:
+    from http.client import HTTPException  # requests has imported it already
+
     h = hashlib.sha256()
     have = 0
     resumed = False
     restarted_for_hash = False
     last_error = ""
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = cfg.progress
     cfg.echo(f"{label}: downloading {url}")
     attempt = 0
     while True:
@@ -357,26 +420,27 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                 clen = resp.headers.get("Content-Length")
                 body_len = int(clen) if clen and clen.isdigit() else None
                 total = (have + body_len) if body_len is not None else expected_size
-                bar = _Progress(label, total, show)
-                got_this = 0
+                bar = _bar(label, total, have, show)
+                start = have
                 try:
                     with open(dest, mode) as f:
-                        for chunk in resp.iter_content(NET_CHUNK):
-                            if not chunk:
-                                continue
-                            f.write(chunk)
-                            h.update(chunk)
-                            have += len(chunk)
-                            got_this += len(chunk)
-                            bar.update(have)
-                            if expected_size is not None and have > expected_size:
-                                break
-                except (requests.ConnectionError, requests.Timeout,
-                        requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ContentDecodingError) as exc:
+                        pump = _Pump(f, h)
+                        try:
+                            pump.run(_readinto(resp), None if expected_size is None else expected_size - start, bar)
+                        finally:
+                            have = start + pump.done
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError, HTTPException, OSError) as exc:
+                    if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
+                        raise EnvironmentProblem(headline=f"writing the download of {label} failed",
+                                                 details=[("file", str(dest)), ("error", str(exc))],
+                                                 hint="check the cache folder's disk space and permissions, "
+                                                      "or pass another with --cache-dir DIR") from None
                     raise _Retry(f"transfer broke after {have} bytes: {exc}") from None
                 finally:
-                    bar.close()
+                    if bar is not None:
+                        bar.__exit__(None, None, None)
+                got_this = have - start
                 if body_len is not None and got_this < body_len:
                     raise _Retry(f"truncated body: {got_this} of {body_len} bytes")
                 if expected_size is not None and have < expected_size and body_len is None:
