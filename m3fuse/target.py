@@ -1,4 +1,10 @@
-"""Find the vLLM installation to work on, without importing vllm (it needs torch and a GPU)."""
+"""Find the vLLM installation to work on, without importing vllm (it needs torch and a GPU).
+
+With --python, the answer is read off the disk when the interpreter is a plain venv whose one
+site-packages holds vllm/ (the common case: an image's venv); every other layout (a system
+Python, include-system-site-packages, an editable install, PYTHONPATH, a .pth naming vllm)
+asks the interpreter itself. Both give the same answer (tests/test_target.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -63,6 +69,52 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
     return VllmTarget(root, meta_version or version, python, dist_info)
 
 
+def resolve_python(python: str) -> str:
+    """--python as the user meant it: a relative path against the caller's directory, a bare
+    name through PATH (the child runs in "/", so neither may be left to it)."""
+    if os.sep in python:
+        return os.path.abspath(python)
+    import shutil
+
+    return shutil.which(python) or python
+
+
+def venv_site(exe: str) -> Path | None:
+    """The one site-packages a plain venv's interpreter imports from, when the disk says so
+    unambiguously; None for anything else (then the interpreter must be asked)."""
+    if os.environ.get("PYTHONPATH") or os.environ.get("PYTHONHOME") or not os.access(exe, os.X_OK):
+        return None
+    here = Path(exe).parent
+    root = next((d for d in (here, here.parent) if (d / "pyvenv.cfg").is_file()), None)
+    if root is None:
+        return None
+    try:
+        cfg = (root / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in cfg.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().lower() == "include-system-site-packages" and value.strip().lower() == "true":
+            return None  # the base's site-packages (and the user site) come into play
+    sites = [d for d in (root / "lib").glob("python3*/site-packages") if d.is_dir()]
+    return sites[0] if len(sites) == 1 else None
+
+
+def _from_disk(exe: str) -> VllmTarget | None:
+    site = venv_site(exe)
+    if site is None or not (site / "vllm" / "__init__.py").is_file():
+        return None
+    if len(list(site.glob("vllm-*.dist-info"))) > 1:
+        return None  # importlib.metadata's choice among several is not ours to guess
+    for pth in site.glob("*.pth"):
+        try:
+            if "vllm" in pth.read_text(encoding="utf-8", errors="replace").lower():
+                return None  # an editable install or a path hook: only the interpreter knows
+        except OSError:
+            return None
+    return from_root(site, python=exe)
+
+
 def query_interpreter(python: str, code: str, *, what: str, args: list[str] | None = None,
                       timeout: float = 120) -> dict:
     """Run `code` in another interpreter and parse the one JSON object it prints last.
@@ -73,12 +125,7 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     # The child runs in "/" (so no vllm/ or other package folder in the caller's directory can
     # shadow an installed one); a relative path or a bare command name must be resolved
     # against the caller first.
-    if os.sep in python:
-        python = os.path.abspath(python)
-    else:
-        import shutil
-
-        python = shutil.which(python) or python
+    python = resolve_python(python)
     import json  # here, not at the top: the default target (this interpreter) needs neither
     import subprocess
 
@@ -110,7 +157,8 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     return data
 
 
-def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmTarget:
+def locate(*, python: str | None = None, vllm_root: Path | None = None, ask: bool = False) -> VllmTarget:
+    """The vLLM to work on. ask=True always asks the interpreter (tests compare both ways)."""
     if vllm_root is not None:
         if python is not None:
             # The wheels go into that interpreter even when the tree is named directly, so it
@@ -119,6 +167,9 @@ def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmT
             python = info.get("executable") or python
         return from_root(vllm_root, python=python)
     if python is not None:
+        found = None if ask else _from_disk(resolve_python(python))
+        if found is not None:
+            return found
         info = query_interpreter(python, _QUERY, what="locate vllm")
         exe = info.get("executable") or python
     else:
