@@ -62,9 +62,9 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
     root = Path(root)
     if not (root / "vllm").is_dir():
         raise EnvironmentProblem(
-            f"{root}: there is no 'vllm' package directory here. --vllm-root must name the directory "
-            f"that contains vllm/ (site-packages, or an extracted wheel), e.g. "
-            f"'.venv/lib/python3.12/site-packages'.")
+            headline="there is no 'vllm' package directory here", details=[("folder", str(root))],
+            hint="--vllm-root must name the directory that contains vllm/ (site-packages, or an extracted "
+                 "wheel), e.g. '.venv/lib/python3.12/site-packages'")
     dist_info, meta_version = _dist_info(root)
     return VllmTarget(root, meta_version or version, python, dist_info)
 
@@ -129,20 +129,23 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     import json  # here, not at the top: the default target (this interpreter) needs neither
     import subprocess
 
-    hint = f"Pass a working Python interpreter with --python (e.g. /opt/venv/bin/python) to {what}."
+    hint = f"pass a working Python interpreter with --python (e.g. /opt/venv/bin/python) to {what}"
+
+    def failed(headline: str, *rows: tuple[str, str]) -> EnvironmentProblem:
+        return EnvironmentProblem(headline=headline, details=[("python", python), *rows], hint=hint)
+
     try:
         proc = subprocess.run([python, "-c", code, *(args or [])], capture_output=True, text=True,
                               timeout=timeout, cwd="/",
                               env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
     except FileNotFoundError as exc:
-        raise EnvironmentProblem(f"The target Python {python} does not exist (no such file). {hint}") from exc
+        raise failed("the target Python does not exist (no such file)") from exc
     except PermissionError as exc:
-        raise EnvironmentProblem(f"The target Python {python} is not executable ({exc.strerror}). {hint}") from exc
+        raise failed("the target Python is not executable", ("error", str(exc.strerror))) from exc
     except OSError as exc:
-        raise EnvironmentProblem(f"The target Python {python} cannot be run ({exc.strerror or exc}). {hint}") from exc
+        raise failed("the target Python cannot be run", ("error", str(exc.strerror or exc))) from exc
     except subprocess.TimeoutExpired as exc:
-        raise EnvironmentProblem(f"The target Python {python} did not answer within {timeout:g} s "
-                                 f"when asked to {what}.") from exc
+        raise failed(f"the target Python did not answer within {timeout:g} s when asked to {what}") from exc
     line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
     try:
         data = json.loads(line[0]) if line else None
@@ -151,9 +154,9 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     if not isinstance(data, dict):
         detail = (proc.stderr or proc.stdout).strip()[-1500:]
         raise EnvironmentProblem(
-            f"The target Python {python}, asked to {what}, exited {proc.returncode} without the "
-            f"expected answer ({detail or 'no output'}). It must be a working Python >= 3.8 with pip "
-            f"installed. {hint}")
+            headline=f"the target Python, asked to {what}, exited {proc.returncode} without the expected answer",
+            details=[("python", python), ("output", detail or "no output")],
+            hint=f"it must be a working Python >= 3.8 with pip installed; {hint}")
     return data
 
 
@@ -178,9 +181,10 @@ def locate(*, python: str | None = None, vllm_root: Path | None = None, ask: boo
     locations = info.get("locations") or []
     if not locations:
         raise EnvironmentProblem(
-            f"vLLM is not installed for {exe}: `import vllm` would fail there. Install vLLM into that "
-            f"environment, point m3fuse at it with --python /path/to/python, or at an unpacked tree "
-            f"with --vllm-root DIR.")
+            headline="vLLM is not installed for the target Python: `import vllm` would fail there",
+            details=[("python", exe)],
+            hint="install vLLM into that environment, point m3fuse at it with --python /path/to/python, or "
+                 "at an unpacked tree with --vllm-root DIR")
     pkg_dir = Path(locations[0])
     return from_root(pkg_dir.parent, python=exe, version=info.get("version"))
 

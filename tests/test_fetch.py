@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,10 @@ def test_fault_matrix(tmp_path, payload, range_ok, plan, outcome):
             assert NAME in ei.value.message
             assert not cache_path(cfg.cache_root(), w).exists()
             if outcome == "integrity":
-                assert w.sha256 in ei.value.message and "expected sha256" in ei.value.message
+                msg = ei.value.message
+                assert msg.startswith("THESE FILES DO NOT MATCH THE HASHES IN THE LOCK")
+                assert f"    expected: sha256 {w.sha256}\n" in msg and re.search(r"^    got: +sha256 [0-9a-f]{64}$", msg, re.M)
+                assert msg.splitlines()[-1].startswith("hint: ")
         assert cache_is_clean(cfg.cache_root()) == []
         log = list(srv.log)
     if plan[0] == "drop" and outcome == "ok" and plan[1:2] in ([], ["drop"]):

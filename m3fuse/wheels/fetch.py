@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import EnvironmentProblem, IntegrityError
+from ..errors import EnvironmentProblem, IntegrityError, Row
 from ..fingerprint import hash_file
 from .lock import LockedWheel
 
@@ -74,22 +74,30 @@ def _fmt_size(n: int | None) -> str:
     return f"{n} bytes"
 
 
-def mismatch_message(wheel: LockedWheel, source: str, got_sha: str, got_size: int, *, removed: bool = True) -> str:
-    size_note = ""
+MISMATCH_HEADLINE = "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK"  # pip's words for the same failure
+
+
+def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int) -> list[Row]:
+    """One wheel's expected/got rows, and what the size says about the difference."""
     if wheel.size is not None and got_size != wheel.size:
-        size_note = (f" The size differs too (expected {wheel.size} bytes, got {got_size})"
-                     + (": the file is truncated, so the transfer was cut short." if got_size < wheel.size
-                        else ": the file is larger than pinned, so it is a different file."))
+        size = (f"expected {wheel.size} bytes, got {got_size}: "
+                + ("the file is truncated, so the transfer was cut short" if got_size < wheel.size
+                   else "the file is larger than pinned, so it is a different file"))
     elif wheel.size is not None:
-        size_note = f" The size is right ({got_size} bytes), so the content itself differs: a different or tampered file."
+        size = f"right ({got_size} bytes): the size is right, so the content itself differs (a different or tampered file)"
     else:
-        size_note = f" The lock pins no size; {got_size} bytes were received."
-    return (f"THESE FILES DO NOT MATCH THE HASHES IN THE LOCK: {wheel.name} from {source}: "
-            f"expected sha256 {wheel.sha256}, got {got_sha}.{size_note} "
-            + ("The bad file was deleted and nothing was installed. " if removed else "Nothing was installed. ")
-            + "If the lock is right, someone may have changed the file at its source: do not "
-            "install it; fetch it again from a trusted source, or, if the new build is intended, "
-            "re-pin it with `m3fuse lock add`.")
+        size = f"the lock pins no size; {got_size} bytes were received"
+    return [("", wheel.name), ("from", source), ("expected", f"sha256 {wheel.sha256}"),
+            ("got", f"sha256 {got_sha}"), ("size", size)]
+
+
+def mismatch_error(rows: list[Row], *, removed: bool = True) -> IntegrityError:
+    return IntegrityError(
+        headline=MISMATCH_HEADLINE + ("; the bad file was deleted and nothing was installed" if removed
+                                      else "; nothing was installed"),
+        details=rows,
+        hint="if the lock is right, someone may have changed the file at its source: do not install it; "
+             "fetch it again from a trusted source, or, if the new build is intended, re-pin it with `m3fuse lock add`")
 
 
 def _bar(label: str, total: int | None, have: int, show: bool | None):  # noqa: ANN202 - click's bar or None
@@ -259,9 +267,9 @@ def _tmp_dir(cfg: FetchConfig) -> Path:
     try:
         tmp.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise EnvironmentProblem(
-            f"The wheel cache {root} cannot be created ({exc}). Pass a writable folder with "
-            f"--cache-dir DIR, or set XDG_CACHE_HOME.") from None
+        raise EnvironmentProblem(headline="the wheel cache cannot be created",
+                                 details=[("folder", str(root)), ("error", str(exc))],
+                                 hint="pass a writable folder with --cache-dir DIR, or set XDG_CACHE_HOME") from None
     # A killed run cannot clean up after itself: drop every partial file no live run holds.
     now = time.time()
     for p in tmp.glob("*.part"):
@@ -328,14 +336,17 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
                     n += len(b)
         except FileNotFoundError:
             raise EnvironmentProblem(
-                f"The wheel {wheel.name} is pinned to {wheel.url}, but {src} does not exist. Put the "
-                f"file there (for example with `m3fuse fetch --dest DIR` on a connected machine) or "
-                f"pass its folder with --find-links DIR.") from None
+                headline=f"the pinned wheel {wheel.name} does not exist",
+                details=[("pinned", wheel.url), ("looked at", str(src))],
+                hint="put the file there (for example with `m3fuse fetch --dest DIR` on a connected machine) "
+                     "or pass its folder with --find-links DIR") from None
         except OSError as exc:
-            raise EnvironmentProblem(f"Cannot read the wheel {src} ({exc}); check its permissions.") from None
+            raise EnvironmentProblem(headline=f"cannot read the wheel {wheel.name}",
+                                     details=[("file", str(src)), ("error", str(exc))],
+                                     hint="check its permissions") from None
         sha = h.hexdigest()
         if sha != wheel.sha256 or (wheel.size is not None and n != wheel.size):
-            raise IntegrityError(mismatch_message(wheel, str(src), sha, n, removed=False))
+            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n), removed=False)
         cfg.echo(f"{wheel.name}: read from {src}, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -348,7 +359,7 @@ def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
         sha, size = download(wheel.url, tmp, cfg, expected_size=wheel.size, label=wheel.name,
                              expected_sha256=wheel.sha256)
         if sha != wheel.sha256 or (wheel.size is not None and size != wheel.size):
-            raise IntegrityError(mismatch_message(wheel, wheel.url, sha, size))
+            raise mismatch_error(mismatch_rows(wheel, wheel.url, sha, size))
         cfg.echo(f"{wheel.name}: downloaded {size} bytes, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -402,9 +413,10 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     raise _Retry("HTTP 416 on resume; starting over")
                 if status not in (200, 206):
                     raise EnvironmentProblem(
-                        f"Downloading {label} from {url} failed with HTTP {status} ({resp.reason}). "
-                        f"Check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
-                        f"download the file elsewhere and pass its folder with --find-links DIR.")
+                        headline=f"downloading {label} failed with HTTP {status} ({resp.reason})",
+                        details=[("url", url)],
+                        hint="check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
+                             "download the file elsewhere and pass its folder with --find-links DIR")
                 mode = "ab"
                 if status == 206 and have:
                     cr = resp.headers.get("Content-Range", "")
@@ -456,10 +468,11 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             last_error = str(r)
             if attempt >= cfg.retries:
                 raise EnvironmentProblem(
-                    f"Downloading {label} from {url} failed after {attempt + 1} attempts; last error: "
-                    f"{last_error}. The partial file was deleted and nothing was installed. Check the "
-                    f"network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
-                    f"download the file elsewhere and pass its folder with --find-links DIR.") from None
+                    headline=f"downloading {label} failed after {attempt + 1} attempts; the partial file was "
+                             f"deleted and nothing was installed",
+                    details=[("url", url), ("last error", last_error)],
+                    hint="check the network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
+                         "download the file elsewhere and pass its folder with --find-links DIR") from None
             delay = min(cfg.backoff * (2 ** attempt), cfg.backoff_max)
             attempt += 1
             how = f"resuming at byte {have}" if have else "from the start"
