@@ -158,3 +158,39 @@ def test_one_pip_run_and_a_failure_that_says_what_changed(tmp_path, server):
     assert r.returncode == 0, r.stderr
     assert installed(py, "amd-aiter") == AITER_PIN and installed(py, "demo-fly") == FLY_V
     assert len(server.log) == n
+
+
+def test_probe_read_in_process_matches_the_interpreters_own_answer(tmp_path):
+    """The probe reads a plain venv (and this interpreter) in-process; it must say exactly what
+    the interpreter itself says: versions, RECORD problems, dists reached through a .pth folder."""
+    import subprocess
+    import sys
+
+    from m3fuse.target import query_interpreter
+    from m3fuse.wheels.install import _PROBE_SCRIPT, _import_path, probe
+
+    py = make_venv(tmp_path / "venv")
+    fly = build_wheel(tmp_path / "w", "demo-fly", FLY_V, {"demo_fly/__init__.py": "X = 1\n"})
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(fly)], check=True)
+    sp = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    (sp / "demo_fly" / "__init__.py").write_text("X = 2\n")  # a RECORD mismatch
+    extra = tmp_path / "extra"  # a dist reached only through a .pth folder line
+    other = build_wheel(tmp_path / "w2", "demo-other", "2.0")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(extra),
+                    str(other)], check=True)
+    (sp / "zz_extra.pth").write_text(f"# a comment\n{extra}\nimport os\n")
+    names = ["demo-fly", "demo-other", "amd-aiter", "torch"]
+
+    def asked(python: str) -> dict:
+        return query_interpreter(python, _PROBE_SCRIPT, what="probe", args=[json.dumps(names),
+                                                                            json.dumps(names[:3])])
+
+    assert _import_path(str(py)) is not None  # read in-process, not by a second interpreter
+    fast = probe(str(py), names, record=names[:3])
+    assert fast == asked(str(py))
+    assert fast["dists"]["demo-fly"]["problems"] == ["modified: demo_fly/__init__.py"]
+    assert fast["dists"]["demo-other"]["version"] == "2.0" and fast["dists"]["amd-aiter"] is None
+    assert fast["externally_managed"] is None
+    # This interpreter, in-process too.
+    assert _import_path(sys.executable)[1] is True
+    assert probe(sys.executable, names, record=names[:3]) == asked(sys.executable)

@@ -12,78 +12,123 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import EnvironmentProblem
 from .lock import Lock
-from ..target import query_interpreter
+from ..target import query_interpreter, resolve_python, venv_site
 
-# Runs in the target interpreter; argv[1] is a JSON list of distribution names, argv[2] the
-# JSON list of those whose RECORD is to be checked (never torch: gigabytes, and not ours).
-# RECORD hashes are urlsafe base64 of the digest without padding (PEP 376 / wheel spec).
-_PROBE_SCRIPT = r"""
-import base64, hashlib, json, os, sys, sysconfig
-from importlib import metadata as md
-names = json.loads(sys.argv[1])
-# PEP 668: the marker sits in the stdlib directory of the default scheme and does not apply
-# inside a virtual environment.
-try:
-    stdlib = sysconfig.get_path("stdlib", sysconfig.get_default_scheme())
-except AttributeError:  # Python < 3.10
-    stdlib = sysconfig.get_path("stdlib")
-marker = os.path.join(stdlib, "EXTERNALLY-MANAGED")
-managed = marker if sys.prefix == getattr(sys, "base_prefix", sys.prefix) and os.path.isfile(marker) else None
-check = set(json.loads(sys.argv[2]))
-out = {}
-for name in names:
-    dist = None
-    # Older importlib.metadata does not normalise names: try the dist-info spelling too.
-    for cand in (name, name.replace("-", "_"), name.replace("_", "-")):
+# One probe, run either inside the target interpreter (`python -c`, the general case) or here,
+# in-process, when the answer can be read off the disk just as that interpreter would: the
+# target is this interpreter, or a plain venv (m3fuse.target.venv_site) whose import path is
+# its site-packages plus the folders its .pth files add. RECORD hashes are urlsafe base64 of
+# the digest without padding (PEP 376 / wheel spec). Never torch's RECORD: gigabytes, not ours.
+_PROBE_CODE = r"""
+def m3fuse_probe(names, check, path, own):
+    import base64, hashlib, os, sys, sysconfig
+    from importlib import metadata as md
+    managed = None
+    if own:
+        # PEP 668: the marker sits in the stdlib directory of the default scheme and does not
+        # apply inside a virtual environment.
         try:
-            dist = md.distribution(cand)
-            break
-        except md.PackageNotFoundError:
-            pass
-    if dist is None:
-        out[name] = None
-        continue
-    info = {"version": dist.version, "problems": [], "files": 0}
-    if name in check:
-        files = dist.files
-        if files is None:
-            info["problems"].append("RECORD is missing")
-        else:
-            for f in files:
-                info["files"] += 1
-                if not f.hash:
-                    continue
-                p = dist.locate_file(f)
-                try:
-                    h = hashlib.new(f.hash.mode)
-                    with open(p, "rb") as fh:
-                        for b in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(b)
-                except FileNotFoundError:
-                    info["problems"].append("missing: %s" % f)
-                    continue
-                except (OSError, ValueError) as e:
-                    info["problems"].append("unreadable: %s (%s)" % (f, e))
-                    continue
-                got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-                if got != f.hash.value:
-                    info["problems"].append("modified: %s" % f)
-    out[name] = info
-print(json.dumps({"dists": out, "externally_managed": managed}))
+            stdlib = sysconfig.get_path("stdlib", sysconfig.get_default_scheme())
+        except AttributeError:  # Python < 3.10
+            stdlib = sysconfig.get_path("stdlib")
+        marker = os.path.join(stdlib, "EXTERNALLY-MANAGED")
+        if sys.prefix == getattr(sys, "base_prefix", sys.prefix) and os.path.isfile(marker):
+            managed = marker
+    check = set(check)
+    out = {}
+    for name in names:
+        dist = None
+        # Older importlib.metadata does not normalise names: try the dist-info spelling too.
+        for cand in (name, name.replace("-", "_"), name.replace("_", "-")):
+            dist = next(iter(md.distributions(name=cand, path=path if path is not None else sys.path)), None)
+            if dist is not None:
+                break
+        if dist is None:
+            out[name] = None
+            continue
+        info = {"version": dist.version, "problems": [], "files": 0}
+        if name in check:
+            files = dist.files
+            if files is None:
+                info["problems"].append("RECORD is missing")
+            else:
+                for f in files:
+                    info["files"] += 1
+                    if not f.hash:
+                        continue
+                    p = dist.locate_file(f)
+                    try:
+                        h = hashlib.new(f.hash.mode)
+                        with open(p, "rb") as fh:
+                            for b in iter(lambda: fh.read(1 << 20), b""):
+                                h.update(b)
+                    except FileNotFoundError:
+                        info["problems"].append("missing: %s" % f)
+                        continue
+                    except (OSError, ValueError) as e:
+                        info["problems"].append("unreadable: %s (%s)" % (f, e))
+                        continue
+                    got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+                    if got != f.hash.value:
+                        info["problems"].append("modified: %s" % f)
+        out[name] = info
+    return {"dists": out, "externally_managed": managed}
 """
+# In the target: argv[1] the JSON list of names, argv[2] those whose RECORD is checked.
+_PROBE_SCRIPT = _PROBE_CODE + """
+import json, sys
+print(json.dumps(m3fuse_probe(json.loads(sys.argv[1]), json.loads(sys.argv[2]), None, True)))
+"""
+
+
+def _import_path(python: str) -> tuple[list[str] | None, bool] | None:
+    """(the path importlib.metadata would search in `python`, whether it is this very
+    interpreter) when it can be known without running it; None when it cannot."""
+    exe = resolve_python(python)
+    if os.path.abspath(exe) == os.path.abspath(sys.executable):
+        # This interpreter: its own sys.path, minus the script's folder or the caller's
+        # directory (the child would run in "/"), unless -P/PYTHONSAFEPATH left it out.
+        keep_first = getattr(sys.flags, "safe_path", False)
+        return (list(sys.path) if keep_first else list(sys.path[1:])), True
+    site = venv_site(exe)
+    if site is None:
+        return None
+    path = [str(site)]
+    for pth in sorted(site.glob("*.pth")):  # as site.addpackage reads them: sorted, a folder per line
+        try:
+            lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            line = line.rstrip()
+            if not line or line.startswith(("#", "import ", "import\t")):
+                continue
+            d = os.path.normpath(os.path.join(site, line))
+            if os.path.isdir(d) and d not in path:
+                path.append(d)
+    return path, False
 
 
 def probe(python: str, names: list[str], *, record: list[str] | None = None) -> dict:
     """{"dists": {name: None if not installed, else {"version", "problems", "files"}},
     "externally_managed": the PEP 668 marker path or None}; RECORD hashes are checked for the
-    names in `record` (default: all of `names`)."""
+    names in `record` (default: all of `names`). In-process where _import_path allows (no
+    second interpreter start), else in the target interpreter."""
+    check = names if record is None else record
+    known = _import_path(python)
+    if known is not None:
+        path, own = known
+        ns: dict = {}
+        exec(compile(_PROBE_CODE, "<m3fuse probe>", "exec"), ns)  # noqa: S102 - our own code, see above
+        return ns["m3fuse_probe"](names, check, path, own)
     return query_interpreter(python, _PROBE_SCRIPT, what="report its installed packages", timeout=300,
-                             args=[json.dumps(names), json.dumps(names if record is None else record)])
+                             args=[json.dumps(names), json.dumps(check)])
 
 
 def versions(python: str, names: list[str]) -> dict[str, str | None]:
