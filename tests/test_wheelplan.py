@@ -194,3 +194,33 @@ def test_probe_read_in_process_matches_the_interpreters_own_answer(tmp_path):
     # This interpreter, in-process too.
     assert _import_path(sys.executable)[1] is True
     assert probe(sys.executable, names, record=names[:3]) == asked(sys.executable)
+
+
+def test_a_copy_named_pylock_m3fuse_toml_installs_with_pip(tmp_path, server):
+    """What docs/wheels.md promises: pip >= 26.1 installs a copy of an m3fuse lock as a PEP 751
+    lock file (`pip install -r pylock.m3fuse.toml`), the same pinned files, hash-checked."""
+    import shutil
+    import subprocess
+
+    from wheelkit import real_wheel
+
+    py = make_venv(tmp_path / "venv")
+    newer_pip = real_wheel("pip==26.3", "pip-26.3-*.whl")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check",
+                    str(newer_pip)], check=True)
+    lock = served_lock(tmp_path, server)
+    copy = tmp_path / "pylock.m3fuse.toml"
+    shutil.copy(lock, copy)
+    r = subprocess.run([str(py), "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+                        "-r", str(copy)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(py, "demo-fly") == FLY_V and installed(py, "amd-aiter") == AITER_PIN
+    assert {p for p, *_ in server.log} == {f"/wheels/{n}" for n in (p.name for p in (tmp_path / "wheels").glob("*.whl"))}
+    # pip checks the pinned sha256 too: wrong bytes from the server are refused.
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "amd-aiter"], check=True)
+    aiter_name = next(p.name for p in (tmp_path / "wheels").glob("amd_aiter-*.whl"))
+    server.set_plan(aiter_name, ["wrong"])
+    r = subprocess.run([str(py), "-m", "pip", "install", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
+                        "-r", str(copy)], capture_output=True, text=True)
+    assert r.returncode != 0 and "HASH" in r.stderr.upper(), r.stderr
+    assert installed(py, "amd-aiter") is None
