@@ -258,6 +258,30 @@ def test_toml_string_escaping(tmp_path):
     assert load_lock(path).packages[0].wheels[0].url == url
 
 
+def test_a_validated_lock_text_is_not_validated_again(tmp_path):
+    """The stamp cache: the second read of the same text skips packaging.pylock (its import is
+    the costliest part of an idempotent install's wheel step); any other text is validated."""
+    import subprocess
+
+    path, stamps = tmp_path / "w.lock", tmp_path / "stamps"
+    path.write_text(lock())
+    code = ("import sys; from pathlib import Path; from m3fuse.wheels.lock import load_lock; "
+            "load_lock(Path(sys.argv[1]), stamps=Path(sys.argv[2])); print('packaging.pylock' in sys.modules)")
+
+    def imports_pylock() -> bool:
+        out = subprocess.run([sys.executable, "-c", code, str(path), str(stamps)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip() == "True"
+
+    assert imports_pylock() is True and len(list(stamps.iterdir())) == 1
+    assert imports_pylock() is False
+    # Another text (here: one the validator refuses) is validated, stamp or not.
+    path.write_text(lock(name="Demo_Pkg"))
+    with pytest.raises(LockError, match="not normalized"):
+        load_lock(path, stamps=stamps)
+    assert len(list(stamps.iterdir())) == 1
+
+
 def test_reading_the_lock_does_not_import_requests():
     import subprocess
 

@@ -95,7 +95,7 @@ def test_externally_managed_python_refused_before_any_download(tmp_path, server)
     assert str(tmp_path / "usr" / "lib") in err and "EXTERNALLY-MANAGED" in err
     hint = err.splitlines()[-1]
     assert hint.startswith("hint: ") and "-m venv" in hint and "--break-system-packages" in hint
-    assert server.log == [] and not (tmp_path / "cache").exists()
+    assert server.log == [] and not (tmp_path / "cache" / "wheels").exists() and not (tmp_path / "cache" / "tmp").exists()
     assert installed(py, "demo-fly") is None
     # CI=true changes nothing.
     r2 = run_cli("install", "--no-patches", "--lock", str(lock), "--python", str(py), "--cache-dir",

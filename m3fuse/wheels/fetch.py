@@ -55,6 +55,10 @@ class FetchConfig:
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
+    def lock_stamps(self) -> Path:
+        """Where the lock texts packaging's PEP 751 validator has passed are remembered."""
+        return self.cache_root() / "validated-locks"
+
 
 def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -107,10 +107,12 @@ def select_wheel(pkg: LockedPackage, tags: Sequence[Tag]) -> LockedWheel | None:
 # --------------------------------------------------------------------------------- reading
 
 
-def load_lock(path: Path, *, spec: bool = True) -> Lock:
+def load_lock(path: Path, *, spec: bool = True, stamps: Path | None = None) -> Lock:
     """Read and validate a lock. spec=False skips packaging's PEP 751 validator (only
     `verify`, which reads the pins and must stay fast, does that; install, fetch and lock
-    always validate)."""
+    always validate). With `stamps` (a folder in the wheel cache), a text the validator has
+    passed before, under the same packaging version, is not validated again: importing
+    packaging.pylock costs more than the rest of an idempotent install's wheel step."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -121,10 +123,10 @@ def load_lock(path: Path, *, spec: bool = True) -> Lock:
     except (OSError, UnicodeDecodeError) as exc:
         raise LockError(headline="the wheel lock cannot be read", details=[("file", str(path)), ("error", str(exc))],
                         hint="check the path and its permissions, or pass another lock with --lock FILE") from None
-    return parse_lock(text, path, spec=spec)
+    return parse_lock(text, path, spec=spec, stamps=stamps)
 
 
-def parse_lock(text: str, path: Path, *, spec: bool = True) -> Lock:
+def parse_lock(text: str, path: Path, *, spec: bool = True, stamps: Path | None = None) -> Lock:
     path = Path(path)
     try:
         data = _toml.loads(text)
@@ -134,8 +136,32 @@ def parse_lock(text: str, path: Path, *, spec: bool = True) -> Lock:
                              "downloaded or installed") from None
     lock = _validate(data, path)
     if spec:
-        _validate_spec(data, path)
+        stamp = _stamp(stamps, text)
+        if stamp is None or not stamp.is_file():
+            _validate_spec(data, path)
+            _write_stamp(stamp)
     return lock
+
+
+def _stamp(folder: Path | None, text: str) -> Path | None:
+    if folder is None:
+        return None
+    import hashlib
+
+    import packaging  # the package's __init__ only: its version
+
+    key = hashlib.sha256(f"{packaging.__version__}\0{text}".encode()).hexdigest()
+    return Path(folder) / key
+
+
+def _write_stamp(stamp: Path | None) -> None:
+    if stamp is None:
+        return
+    try:  # best effort: an unwritable cache only means validating again next time
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    except OSError:
+        pass
 
 
 def _bad(path: Path, where: str, problem: str) -> LockError:

@@ -67,7 +67,8 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     sha256, url). A dry run never touches the network nor the environment: wheels already in
     the cache (or a --find-links folder / file:// URL) are verified and checked, the others are
     reported with the URL they would be downloaded from."""
-    lock = load_lock(opts.lock_path)
+    cfg = opts.fetch_config(echo)
+    lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
     if not lock.packages:
         echo(f"{lock.path} pins no wheels; nothing to install")
         return []
@@ -94,7 +95,6 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     results = planner.as_json(steps)
     by_name = {r["name"]: r for r in results}
     # obtain (a failure raises before anything is installed)
-    cfg = opts.fetch_config(echo)
     files: dict[str, Path | None] = {}
     for s in todo:
         assert s.wheel is not None  # chosen for every step that changes something
@@ -209,7 +209,8 @@ def judge(results: list[dict]) -> tuple[list[str], int]:
 def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _quiet) -> list[Path]:
     """Fetch and verify the wheels (the target's, or all with opts.all_wheels) and place
     copies in `dest` (for a later `--find-links dest` install). Nothing is installed."""
-    lock = load_lock(opts.lock_path)
+    cfg = opts.fetch_config(echo)
+    lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
     tags: tuple[str, ...] | None = None
     if opts.all_wheels:
         chosen = [(p, w) for p in lock.packages for w in p.wheels]
@@ -218,7 +219,6 @@ def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _qu
         planner.choose_wheels(steps, lambda: target_tags(opts.python), lock, opts.python)
         tags = target_tags(opts.python)
         chosen = [(s.package, s.wheel) for s in steps if s.wheel is not None]
-    cfg = opts.fetch_config(echo)
     paths = [(p, w, obtain(w, cfg)) for p, w in chosen]
     for p, w, path in paths:
         assert path is not None
