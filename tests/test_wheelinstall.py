@@ -352,3 +352,28 @@ def test_real_cli_install_no_patches_from_loopback(tmp_path, venv, server, wheel
     assert r.returncode == 0, r.stdout + r.stderr
     # (Exit codes of failing `fetch` / `lock` commands are mapped centrally in cli.py; their
     # errors are checked above through CliRunner as the raised M3fuseError.)
+
+
+def test_a_wheel_changed_after_its_checks_is_refused_by_pip_as_integrity(tmp_path, venv, server, wheels_dir,
+                                                                       monkeypatch):
+    """m3fuse does not hash each wheel again before pip: pip's --require-hashes checks the bytes it
+    actually installs. A file swapped after m3fuse's checks is refused there, reported as an
+    integrity failure (exit 4), and nothing is installed."""
+    lock = make_lock(tmp_path, server, wheels_dir["fly"], wheels_dir["aiter"])
+    real = wheels_mod.check_wheel
+
+    def check_then_swap(path, pkg, tags, python):  # the swap lands between our check and pip
+        real(path, pkg, tags, python)
+        if pkg.name == "amd-aiter":
+            with open(path, "ab") as f:
+                f.write(b"\0")
+
+    monkeypatch.setattr(wheels_mod, "check_wheel", check_then_swap)
+    with pytest.raises(IntegrityError) as ei:
+        install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert ei.value.exit_code == EXIT_INTEGRITY and "changed after it was verified" in ei.value.message
+    assert states(lock, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
+    # The next run notices the damaged cache entry, fetches it again and installs.
+    monkeypatch.setattr(wheels_mod, "check_wheel", real)
+    install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert states(lock, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}

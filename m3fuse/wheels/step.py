@@ -115,22 +115,22 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
         # Every pin is intact (the probe proved version and RECORD): the checks below could
         # only repeat that probe.
         return results
-    # install: all wheels in one pip run. Re-hash right before (pip checks once more itself).
+    # install: all wheels in one pip run. pip hashes each file as it reads it (--require-hashes),
+    # so a file changed after our check is caught on the bytes actually installed.
     batch: list[tuple[Path, str]] = []
     for s in todo:
         path = files[s.package.name]
         assert path is not None and s.wheel is not None
-        sha, _ = hash_file(path)
-        if sha != s.wheel.sha256:
-            raise IntegrityError(headline="a cached wheel changed after it was verified; nothing was installed",
-                                 details=[("file", str(path)), ("expected", f"sha256 {s.wheel.sha256}"),
-                                          ("got", f"sha256 {sha}")],
-                                 hint="delete it and run m3fuse install again")
         batch.append((path, s.wheel.sha256))
     echo(f"installing {len(batch)} wheel(s) with {python} -m pip: " + ", ".join(p.name for p, _ in batch))
     try:
         pip_install(python, batch, break_system_packages=opts.break_system_packages)
     except PipFailed as failed:
+        if "DO NOT MATCH THE HASHES" in failed.output:
+            raise IntegrityError(
+                headline="a cached wheel changed after it was verified; pip refused it and installed nothing",
+                details=[("python", python), ("pip said", failed.output.strip().splitlines()[-1])],
+                hint="delete the wheel cache entry (or the whole --cache-dir) and run m3fuse install again") from None
         raise _pip_failure(failed, steps, before, _versions_now(python, names + [GUARDED]), python) from None
     for s in todo:
         by_name[s.package.name]["result"] = "installed"
