@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from m3fuse.errors import EXIT_USAGE
-from m3fuse.wheels.lock import (LockedPackage, LockedWheel, LockError, add_wheel, load_lock, parse_lock, render_lock,
+from m3fuse.wheels.lock import (LockedPackage, LockedWheel, LockError, add_wheel, load_lock, parse_lock,
                                 select_wheel, url_problem)
 from m3fuse.resources import default_lock
 
@@ -90,12 +90,6 @@ def test_tag_selection_prefers_the_targets_best_tag():
     assert select_wheel(pkg, t311).name.endswith("cp311-cp311-manylinux_2_17_x86_64.whl")
     assert select_wheel(pkg, [Tag("py3", "none", "any")]).name.endswith("py3-none-any.whl")
     assert select_wheel(pkg, [Tag("cp27", "cp27mu", "manylinux1_x86_64")]) is None
-
-
-def test_render_lock_is_valid_and_round_trips(tmp_path):
-    w = LockedWheel(WHL, f"https://example.invalid/{WHL}", SHA, 3)
-    text = render_lock([LockedPackage("demo-pkg", "1.0", (w,))])
-    assert parse_lock(text, tmp_path / "l").packages[0].wheels == (w,)
 
 
 def test_valid_lock_parses(tmp_path):

@@ -392,16 +392,6 @@ def _last_table(pkg):  # noqa: ANN001,ANN202 - the table whose body ends where p
     return wheels[-1] if wheels is not None and len(wheels) else pkg
 
 
-def render_lock(packages: Sequence[LockedPackage]) -> str:
-    """A fresh lock holding `packages` (tests and tools build locks with it)."""
-    import tomlkit
-
-    doc = _new_doc()
-    for p in packages:
-        doc.setdefault("packages", tomlkit.aot()).append(_package_table(p.name, p.version, p.wheels))
-    return _tidy(tomlkit.dumps(doc))
-
-
 def _package_table(name: str, version: str, wheels: Sequence[LockedWheel]):  # noqa: ANN202
     import tomlkit
 
