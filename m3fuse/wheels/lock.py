@@ -27,10 +27,8 @@ do. Reading never imports `requests`, and `m3fuse verify --no-wheels` never impo
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +258,8 @@ def _validate_wheel(path: Path, where: str, rw: object, pkg: str, version: str) 
 
 
 def _is_loopback(host: str) -> bool:
+    import ipaddress  # only plain-http URLs need it
+
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -490,6 +490,8 @@ def set_size(path: Path, wheel_name: str, size: int) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
