@@ -82,7 +82,7 @@ def test_select_prefers_the_best_fitting_wheel(tmp_path):
         choose_wheels(steps, lambda: TAGS, Lock(tmp_path / "x.lock", (p,)), PY)
         assert steps[0].wheel.name.startswith(f"demo-1.0-{cp}")
     only_other = pkg("demo", "1.0", "demo-1.0-cp27-cp27mu-manylinux1_x86_64.whl")
-    with pytest.raises(EnvironmentProblem, match="No wheel pinned for demo 1.0") as ei:
+    with pytest.raises(EnvironmentProblem, match="no wheel pinned for demo 1.0") as ei:
         choose_wheels([Step(only_other, None, INSTALL)], lambda: TAGS, Lock(tmp_path / "x.lock", (only_other,)), PY)
     assert "cp27-cp27mu-manylinux1_x86_64" in ei.value.message and str(tmp_path / "x.lock") in ei.value.message
 

@@ -314,7 +314,7 @@ def test_no_fitting_wheel(tmp_path, venv, server, wheels_dir):
     other = build_wheel(tmp_path / "w", "demo-fly", "0.1.9.dev1+abc", tag="cp27-cp27mu-manylinux1_x86_64")
     lock = tmp_path / "other.lock"
     lock.write_text(lock_text([("demo-fly", "0.1.9.dev1+abc", [(other, server.add(other.name, other.read_bytes()))])]))
-    with pytest.raises(EnvironmentProblem, match="No wheel pinned for demo-fly") as ei:
+    with pytest.raises(EnvironmentProblem, match="no wheel pinned for demo-fly") as ei:
         install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
     assert ei.value.exit_code == EXIT_ENVIRONMENT and server.log == []
     # ... unless the pinned version is already installed intact: then no wheel is needed.

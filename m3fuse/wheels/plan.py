@@ -100,7 +100,7 @@ def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]],
         if s.wheel is None:
             offered = ", ".join(sorted({t for w in s.package.wheels for t in w.tags}))
             raise EnvironmentProblem(
-                headline=f"No wheel pinned for {s.package.name} {s.package.version} fits the target Python",
+                headline=f"no wheel pinned for {s.package.name} {s.package.version} fits the target Python",
                 details=[("lock", str(lock.path)), ("python", python),
                          ("best tag", tag_strs[0] if tag_strs else "unknown"), ("lock offers", offered)],
                 hint="point --python at an interpreter the pinned build was made for (for the shipped lock: "
