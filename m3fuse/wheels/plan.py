@@ -79,7 +79,7 @@ def refuse_externally_managed(marker: str | None, python: str, *, allowed: bool)
     if marker is None or allowed:
         return
     raise ExternallyManaged(
-        headline=f"the target Python is externally managed (PEP 668); nothing was downloaded or installed",
+        headline="the target Python is externally managed (PEP 668); nothing was downloaded or installed",
         details=[("python", python), ("marker", marker)],
         hint=f"install into a virtual environment (`{python} -m venv /opt/venv`, then --python "
              f"/opt/venv/bin/python), or pass --break-system-packages to install into it anyway "
