@@ -224,3 +224,24 @@ def test_a_copy_named_pylock_m3fuse_toml_installs_with_pip(tmp_path, server):
                         "-r", str(copy)], capture_output=True, text=True)
     assert r.returncode != 0 and "HASH" in r.stderr.upper(), r.stderr
     assert installed(py, "amd-aiter") is None
+
+
+def test_a_copy_named_pylock_m3fuse_toml_installs_with_uv(tmp_path, server):
+    """The same promise for uv (`uv pip install -r pylock.m3fuse.toml`)."""
+    import os
+    import shutil
+    import subprocess
+
+    from wheelkit import real_wheel
+
+    tool = make_venv(tmp_path / "uv-venv")
+    uv_wheel = real_wheel("uv==0.13.8", "uv-0.13.8-*.whl", "--only-binary=:all:")
+    subprocess.run([str(tool), "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check",
+                    str(uv_wheel)], check=True)
+    py = make_venv(tmp_path / "venv")
+    copy = tmp_path / "pylock.m3fuse.toml"
+    shutil.copy(served_lock(tmp_path, server), copy)
+    r = subprocess.run([str(tool.parent / "uv"), "pip", "install", "--python", str(py), "-r", str(copy)],
+                       capture_output=True, text=True, env={**os.environ, "UV_NO_CACHE": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(py, "demo-fly") == FLY_V and installed(py, "amd-aiter") == AITER_PIN
