@@ -158,6 +158,22 @@ def test_one_pip_run_and_a_failure_that_says_what_changed(tmp_path, server):
     assert r.returncode == 0, r.stderr
     assert installed(py, "amd-aiter") == AITER_PIN and installed(py, "demo-fly") == FLY_V
     assert len(server.log) == n
+    # A repair (same version, edited file) that pip gets through before the failing wheel is
+    # reported too, though no version moved.
+    (sp / "demo_fly" / "__init__.py").write_text("X = 2\n")
+    import subprocess
+
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "amd-aiter"], check=True)
+    (sp / "aiter").write_text("in the way\n")
+    r = install(lock, py, tmp_path)
+    assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
+    assert "demo-fly: installed " + FLY_V + ", pinned " + FLY_V + ": repair" in r.stdout
+    assert f"pip failed installing amd-aiter {AITER_PIN}" in r.stderr
+    changed = r.stderr[r.stderr.index("changed by this run"):r.stderr.index("pip said")]
+    if (sp / "demo_fly" / "__init__.py").read_text() == "X = 1\n":  # pip repaired it before failing
+        assert re.search(rf"^    demo-fly: +reinstalled at {re.escape(FLY_V)}$", changed, re.M), r.stderr
+    else:
+        assert "demo-fly" not in changed
 
 
 def test_probe_read_in_process_matches_the_interpreters_own_answer(tmp_path):

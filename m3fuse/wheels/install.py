@@ -177,15 +177,20 @@ def pip_install(python: str, wheels: list[tuple[Path, str]], *, break_system_pac
                                      details=[("python", python), ("error", str(exc))],
                                      hint=f"check that {python} runs and has pip (`{python} -m ensurepip`)") from None
     if proc.returncode != 0:
-        raise PipFailed(proc.returncode, (proc.stderr.strip() or proc.stdout.strip())[-2000:])
+        # pip names the order it installs in ("Installing collected packages: a, b"); after a
+        # failure that tells which wheels it got through.
+        order = next((ln.split(":", 1)[1] for ln in proc.stdout.splitlines()
+                      if ln.startswith("Installing collected packages:")), "")
+        raise PipFailed(proc.returncode, (proc.stderr.strip() or proc.stdout.strip())[-2000:],
+                        [n.strip() for n in order.split(",") if n.strip()])
 
 
 class PipFailed(Exception):
     """pip exited non-zero; the wheel step turns this into an EnvironmentProblem that says what changed."""
 
-    def __init__(self, code: int, output: str) -> None:
+    def __init__(self, code: int, output: str, order: list[str] | None = None) -> None:
         super().__init__(output)
-        self.code, self.output = code, output
+        self.code, self.output, self.order = code, output, order or []
 
 
 def verify_wheels(lock: Lock, python: str) -> list[dict]:

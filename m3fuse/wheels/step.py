@@ -131,7 +131,8 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
                 headline="a cached wheel changed after it was verified; pip refused it and installed nothing",
                 details=[("python", python), ("pip said", failed.output.strip().splitlines()[-1])],
                 hint="delete the wheel cache entry (or the whole --cache-dir) and run m3fuse install again") from None
-        raise _pip_failure(failed, steps, before, _versions_now(python, names + [GUARDED]), python) from None
+        todo_names = [s.package.name for s in todo]
+        raise _pip_failure(failed, steps, before, _state_now(python, names + [GUARDED], todo_names), python) from None
     for s in todo:
         by_name[s.package.name]["result"] = "installed"
     # prove
@@ -157,27 +158,42 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     return results
 
 
-def _versions_now(python: str, names: list[str]) -> dict[str, dict | None]:
+def _state_now(python: str, names: list[str], record: list[str]) -> dict[str, dict | None]:
     try:
-        return probe(python, names, record=[])["dists"]
+        return probe(python, names, record=record)["dists"]
     except EnvironmentProblem:
         return {}
 
 
 def _pip_failure(failed: PipFailed, steps: list[planner.Step], before: dict, after: dict,
                  python: str) -> EnvironmentProblem:
-    """What the one pip run left behind: which wheel it failed on (the first, in install
-    order, not at its pin afterwards) and exactly which distributions changed."""
+    """What the one pip run left behind: the wheel it failed on (the first, in pip's install
+    order, not intact at its pin afterwards: pip rolls that one back) and exactly which
+    distributions changed (those pip got through before it, and any other whose version moved)."""
+    from packaging.utils import canonicalize_name
+
     def ver(d: dict, name: str) -> str:
         return (d.get(name) or {}).get("version") or "not installed"
 
     todo = [s for s in steps if s.changes]
-    failed_on = next((s for s in todo if ver(after, s.package.name) != s.package.version), todo[-1])
-    changed = [(n, f"{ver(before, n)} -> {ver(after, n)}") for n in [*(s.package.name for s in steps), GUARDED]
-               if after and ver(before, n) != ver(after, n)]
+    by_key = {s.package.key: s for s in todo}
+    order = [by_key[k] for k in dict.fromkeys(canonicalize_name(n) for n in failed.order) if k in by_key]
+    order += [s for s in todo if s not in order]
+    failed_on = next((s for s in order if state_of(after.get(s.package.name), s.package.version) != "ok"), order[-1])
     rows: list[Row] = [("python", python), ("failed on", failed_on.wheel.name if failed_on.wheel else failed_on.package.name),
                        ("pip exit", str(failed.code))]
-    rows += [("", "changed by this run:" if changed else "changed by this run: nothing")] + changed
+    changed: list[Row] = []
+    if after:
+        done = order[:order.index(failed_on)]
+        for s in done:
+            was, now = ver(before, s.package.name), ver(after, s.package.name)
+            changed.append((s.package.name, f"{was} -> {now}" if was != now else f"reinstalled at {now}"))
+        listed = {s.package.name for s in done}
+        changed += [(n, f"{ver(before, n)} -> {ver(after, n)}") for n in [*(s.package.name for s in steps), GUARDED]
+                    if n not in listed and ver(before, n) != ver(after, n)]
+        rows += [("", "changed by this run:" if changed else "changed by this run: nothing")] + changed
+    else:
+        rows += [("", "changed by this run: unknown (the target could not be asked afterwards)")]
     last = [ln for ln in failed.output.splitlines() if ln.strip()]
     rows += [("", "pip said:"), ("last line", last[-1].strip() if last else "(no output)")]
     return EnvironmentProblem(
