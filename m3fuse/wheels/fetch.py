@@ -5,8 +5,9 @@ Only bytes whose sha256 equals the pin ever reach the cache proper
 `<cache>/tmp/` and is deleted on any failure. A cached file is re-hashed before every use, so
 a file damaged on disk is noticed, dropped and fetched again.
 
-`requests` is imported only when a network download is really needed: `m3fuse verify` and
-cached or `file://` / `--find-links` installs never pay for it.
+This module never imports `requests` itself before a network download: `m3fuse verify` and
+an idempotent install never load it (an install with wheels to put in warms it in a thread
+while it waits on the target interpreter, see wheels/step.py).
 """
 
 from __future__ import annotations

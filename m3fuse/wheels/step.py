@@ -91,6 +91,8 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     except M3fuseError as exc:
         exc.payload = {"wheels": planner.as_json(steps)}  # --json shows the plan it was judged on
         raise
+    if todo and not dry_run:
+        _warm_requests()  # while the target is asked for its tags
     planner.choose_wheels(steps, lambda: target_tags(python), lock, python)
     results = planner.as_json(steps)
     by_name = {r["name"]: r for r in results}
@@ -156,6 +158,15 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
             hint="the fusion needs the environment's own torch build; reinstall it (from the image or your "
                  "ROCm torch wheel) before using vLLM")
     return results
+
+
+def _warm_requests() -> None:
+    """Import requests in a thread: the tag query that follows waits on a subprocess with
+    the GIL released, so a download that needs requests finds it imported (~60 ms of a cold
+    install); a wheel found in the cache only costs that idle time."""
+    import threading
+
+    threading.Thread(target=__import__, args=("requests",), name="m3fuse-import", daemon=True).start()
 
 
 def _state_now(python: str, names: list[str], record: list[str]) -> dict[str, dict | None]:
