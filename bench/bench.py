@@ -311,12 +311,12 @@ def fig_latency(s: Setup, cfg: Config, only: list[str]) -> list[Figure]:
     base = [s.venv_python, "-c", "pass"]
     out = []
     for name, title, args, goal, what in [
-        ("verify_latency", "verify latency", ["verify", "--no-wheels"], 2.0,
-         "m3fuse verify --no-wheels (real vllm 0.26.0 venv, patched)"),
+        ("verify_latency", "verify latency", ["verify", "--no-wheels", "--python", s.venv_python], 6.0,
+         "m3fuse verify --no-wheels --python VENV (real vllm 0.26.0 venv, patched)"),
         ("verify_with_wheels", "verify with wheels", ["verify", "--lock", s.small_lock], 2.5,
          "m3fuse verify (both pinned dists installed, test wheels)"),
         ("idempotent_install", "idempotent install",
-         ["install", "--lock", s.small_lock, "--cache-dir", s.tmp / "cache"], 3.0,
+         ["install", "--lock", s.small_lock, "--cache-dir", s.tmp / "cache"], 8.0,
          "m3fuse install (pins installed, tree patched)"),
     ]:
         if name not in only:
@@ -373,8 +373,8 @@ def fig_hashing(s: Setup, cfg: Config) -> Figure:
 
 
 def fig_download(s: Setup, cfg: Config) -> Figure:
-    from m3fuse.fetch import FetchConfig, obtain
-    from m3fuse.lock import LockedWheel
+    from m3fuse.wheels.fetch import FetchConfig, obtain
+    from m3fuse.wheels.lock import LockedWheel
 
     s.log("download ...")
     url = s.server.url(s.dl_name)
@@ -383,7 +383,7 @@ def fig_download(s: Setup, cfg: Config) -> Figure:
     if curl is None and shutil.which("apt-get") and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "-q", "curl"], capture_output=True)
         curl = shutil.which("curl")
-    fig = Figure("download", "download", f"m3fuse.fetch.obtain: {s.dl_size // MiB} MiB from 127.0.0.1 into an empty "
+    fig = Figure("download", "download", f"m3fuse.wheels.fetch.obtain: {s.dl_size // MiB} MiB from 127.0.0.1 into an empty "
                  "cache, sha256-verified (in process, requests already imported)",
                  "curl -s -o FILE of the same URL", "throughput", 0.9, s.dl_size)
     if curl is None:
@@ -436,7 +436,7 @@ def fig_cold(s: Setup, cfg: Config) -> Figure:
     return Figure("cold_install", "cold install",
                   f"m3fuse install --no-patches --python FRESH_VENV: lock of 2 wheels, {size // MiB} MiB in all, "
                   "from 127.0.0.1, empty cache", "pip download --no-deps URL URL + pip install --no-deps FILES "
-                  "(same fresh venv copy, --no-cache-dir)", "wall", 1.0, size, a, b)
+                  "(same fresh venv copy, --no-cache-dir)", "wall", 0.9, size, a, b)
 
 
 # --------------------------------------------------------------------------------- report

@@ -28,6 +28,7 @@ def _dumps(obj: Any) -> str:
 def _emit_error(exc: M3fuseError, as_json: bool, extra: dict[str, Any] | None = None) -> int:
     if as_json:
         body = {"ok": False, "error": {"kind": exc.kind, "exit_code": exc.exit_code, "message": exc.message}}
+        body.update(getattr(exc, "payload", None) or {})
         body.update(extra or {})
         click.echo(_dumps(body))
     else:
@@ -142,9 +143,14 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
               help="Download cache (default: $XDG_CACHE_HOME/m3fuse).")
 @click.option("--find-links", multiple=True, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Folder of wheel files to use instead of downloading (still hash-checked).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Replace an installed distribution that is newer than its pin (refused otherwise).")
+@click.option("--break-system-packages", is_flag=True,
+              help="Install into an externally managed (PEP 668) Python; passed on to pip.")
 def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
             lock_timeout: float, no_wheels: bool, no_patches: bool, dry_run: bool, lock_path: Path | None,
-            cache_dir: Path | None, find_links: tuple[Path, ...]) -> None:
+            cache_dir: Path | None, find_links: tuple[Path, ...], allow_downgrade: bool,
+            break_system_packages: bool) -> None:
     """Install the pinned wheels, then patch vLLM (or neither)."""
     echo = (lambda s: None) if as_json else click.echo
 
@@ -157,9 +163,10 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             # is found before the wheels change the environment, not after.
             engine.refuse_unless_known(_tree(python, vllm_root, patches_dir, parse_all=True))
         if not no_wheels:
-            from . import wheels  # imported here: verify --no-wheels must not pay for it
+            from .wheels import step as wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
-                                       find_links=list(find_links), python=python or sys.executable)
+                                       find_links=list(find_links), python=python or sys.executable,
+                                       allow_downgrade=allow_downgrade, break_system_packages=break_system_packages)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
             tree, actions = _transition(engine.PATCHED, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
@@ -213,7 +220,7 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
         failures, code = engine.judge(tree, expect)
         if not no_wheels and expect == engine.PATCHED:
-            from . import wheels
+            from .wheels import step as wheels
             results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable)
             out["wheels"] = results
             wheel_failures, wheel_code = wheels.judge(results)

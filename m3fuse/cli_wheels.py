@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .errors import EnvironmentProblem, IntegrityError, UsageProblem
-from .lock import LockedWheel, add_wheel, load_lock, url_problem
+from .errors import EnvironmentProblem, UsageProblem
+from .wheels.lock import LockedWheel, add_wheel, load_lock, url_problem
 from .resources import default_lock
 
 
@@ -41,7 +41,7 @@ def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, fi
                   python: str | None, all_wheels: bool) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
-    from .wheels import WheelOptions, fetch_only
+    from .wheels.step import WheelOptions, fetch_only
 
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
                         python=python or sys.executable, all_wheels=all_wheels)
@@ -63,29 +63,31 @@ def lock_group() -> None:
 def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record_url: str | None) -> None:
     """Pin the wheel at SOURCE (a URL or a local file): compute its sha256 and size, read its
     name and version from its metadata, and add or update the entry in the lock."""
-    from .fetch import FetchConfig, download
+    from .wheels.fetch import FetchConfig, download
     from .fingerprint import hash_file
-    from .lock import url_filename
-    from .wheelcheck import check_members, read_metadata
+    from .wheels.lock import url_filename
+    from .wheels.check import check_members, read_metadata
 
     lock_path = lock_path or default_lock()
     local = Path(source)
     with tempfile.TemporaryDirectory(prefix="m3fuse-lock-") as d:
         if "://" not in source:
             if not local.is_file():
-                raise UsageProblem(f"{source} is neither a URL nor an existing wheel file. Pass an https:// or "
-                                   f"file:// URL, or the path of a .whl file.")
+                raise UsageProblem(headline=f"{source} is neither a URL nor an existing wheel file",
+                                   hint="pass an https:// or file:// URL, or the path of a .whl file")
             path = local.resolve()
             url = record_url or path.as_uri()
             fname = path.name
             sha, size = hash_file(path)
         else:
             if record_url:
-                raise UsageProblem("--url only applies to a local FILE; for a URL SOURCE the URL itself is recorded.")
+                raise UsageProblem(headline="--url only applies to a local FILE",
+                                   hint="drop --url: for a URL SOURCE the URL itself is recorded")
             url = source
             problem = url_problem(url)
             if problem:
-                raise UsageProblem(f"Refusing to pin {url}: {problem}.")
+                raise UsageProblem(headline=f"refusing to pin {url}", details=[("problem", problem)],
+                                   hint="pin an https:// URL (plain http only to 127.0.0.1, ::1 or localhost), or a file")
             fname = url_filename(url)
             path = Path(d) / fname
             if url.lower().startswith("file:"):
@@ -97,7 +99,8 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
             else:
                 sha, size = download(url, path, FetchConfig(cache_dir=cache_dir, echo=_echo), label=fname)
         if not fname.endswith(".whl"):
-            raise UsageProblem(f"{source} does not name a .whl file ({fname!r}).")
+            raise UsageProblem(headline=f"{source} does not name a .whl file", details=[("file name", fname)],
+                               hint="pin a wheel (.whl); m3fuse installs no source distributions")
         check_members(path)
         name, version = read_metadata(path)
     action = add_wheel(lock_path, name, version, LockedWheel(fname, url, sha, size))
@@ -110,15 +113,15 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
 @click.option("--write-sizes", is_flag=True, help="Record the verified size of wheels the lock gives none for.")
 def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool) -> None:
     """Download every pinned wheel again (bypassing the cache) and confirm hash and size."""
-    from .fetch import FetchConfig, download, local_source, mismatch_message
+    from .wheels.fetch import FetchConfig, download, local_source, mismatch_error, mismatch_rows
     from .fingerprint import hash_file
-    from .lock import set_size
+    from .wheels.lock import set_size
 
     lock_path = lock_path or default_lock()
     lock = load_lock(lock_path)
     cfg = FetchConfig(cache_dir=cache_dir, echo=_echo)
-    bad: list[str] = []
-    unreachable: list[str] = []
+    bad: list = []
+    unreachable: list = []
     with tempfile.TemporaryDirectory(prefix="m3fuse-check-") as d:
         for p in lock.packages:
             for w in p.wheels:
@@ -127,18 +130,18 @@ def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool
                     src = local_source(w, FetchConfig())  # file:// pins are read in place
                     if src is not None:
                         if not src.is_file():
-                            raise EnvironmentProblem(f"{src} does not exist")
+                            raise EnvironmentProblem(headline=f"{src} does not exist")
                         sha, size = hash_file(src)
                     else:
                         sha, size = download(w.url, tmp, cfg, label=w.name, expected_size=w.size)
                 except EnvironmentProblem as exc:
-                    unreachable.append(f"{w.name}: {exc.message}")
+                    unreachable += [("", w.name), ("error", exc.headline), *exc.details]
                     click.echo(f"UNREACHABLE {w.name}")
                     continue
                 finally:
                     tmp.unlink(missing_ok=True)
                 if sha != w.sha256 or (w.size is not None and size != w.size):
-                    bad.append(mismatch_message(w, w.url, sha, size))
+                    bad += mismatch_rows(w, w.url, sha, size)
                     click.echo(f"MISMATCH {w.name}")
                     continue
                 click.echo(f"ok {w.name} sha256={sha} size={size}")
@@ -146,7 +149,9 @@ def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool
                     set_size(lock_path, w.name, size)
                     click.echo(f"  recorded size {size} in {lock_path}")
     if bad:
-        raise IntegrityError(" ".join(bad))
+        raise mismatch_error(bad, removed=False)
     if unreachable:
-        raise EnvironmentProblem(f"{len(unreachable)} pinned wheel(s) of {lock_path} could not be checked: "
-                                 + " ".join(unreachable))
+        n = sum(1 for label, _ in unreachable if not label)
+        raise EnvironmentProblem(headline=f"{n} pinned wheel(s) of {lock_path} could not be checked",
+                                 details=unreachable,
+                                 hint="check the network or proxy, or the file:// paths, and run `m3fuse lock check` again")

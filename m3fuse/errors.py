@@ -1,10 +1,25 @@
 """Every failure class m3fuse reports, and the one table that maps them to exit codes.
 
-Each error carries a single paragraph for the user: what is wrong, which file, the expected
-and the actual value, and what to do next.
+Each error tells the user what is wrong, which file, the expected and the actual value, and
+what to do next. Errors built with `headline=` are laid out the way pip and cargo print theirs,
+so they can be scanned::
+
+    headline: one line saying what failed
+      amd-aiter:
+        installed: 0.1.21
+        pinned:    0.1.15.post1
+    hint: one line saying what to do
+
+`.message` is always the whole text (the --json error object carries it unchanged).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+# A details row: (label, value). A row with an empty label is a sub-heading (a file or a
+# wheel); the rows below it are indented under it and the labels of a group align.
+Row = tuple[str, str]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -30,9 +45,43 @@ class M3fuseError(Exception):
     exit_code: int = EXIT_ENVIRONMENT
     kind: str = "error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str | None = None, *, headline: str | None = None,
+                 details: Sequence[Row] = (), hint: str | None = None) -> None:
+        self.headline = headline if headline is not None else (message or "")
+        self.details: tuple[Row, ...] = tuple(details)
+        self.hint = hint
+        if message is None:
+            message = render(self.headline, self.details, hint)
         super().__init__(message)
         self.message = message
+        # Extra keys for the --json error object (e.g. the wheel plan a refusal was judged on).
+        self.payload: dict = {}
+
+
+def render(headline: str, details: Sequence[Row] = (), hint: str | None = None) -> str:
+    """The scannable layout: headline, aligned label/value rows (grouped under sub-headings
+    where given), one `hint:` line."""
+    lines = [headline]
+    group: list[Row] = []
+    pad = "  "  # rows under a sub-heading are indented one step further
+
+    def flush() -> None:
+        width = max((len(label) for label, _ in group), default=0) + 1
+        for label, value in group:
+            lines.append(f"{pad}{label + ':':<{width}} {value}")
+        group.clear()
+
+    for label, value in details:
+        if label:
+            group.append((label, value))
+            continue
+        flush()
+        lines.append(f"  {value}")
+        pad = "    "
+    flush()
+    if hint:
+        lines.append(f"hint: {hint}")
+    return "\n".join(lines)
 
 
 class UsageProblem(M3fuseError):
@@ -72,6 +121,18 @@ class IntegrityError(M3fuseError):
 class EnvironmentProblem(M3fuseError):
     exit_code = EXIT_ENVIRONMENT
     kind = "environment"
+
+
+class DowngradeRefused(EnvironmentProblem):
+    """Installing the pins would replace an installed distribution with an older version."""
+
+    kind = "downgrade"
+
+
+class ExternallyManaged(EnvironmentProblem):
+    """The target Python is marked externally managed (PEP 668) and no override was given."""
+
+    kind = "externally-managed"
 
 
 class LockBusy(EnvironmentProblem):

@@ -1,4 +1,10 @@
-"""Find the vLLM installation to work on, without importing vllm (it needs torch and a GPU)."""
+"""Find the vLLM installation to work on, without importing vllm (it needs torch and a GPU).
+
+With --python, the answer is read off the disk when the interpreter is a plain venv whose one
+site-packages holds vllm/ (the common case: an image's venv); every other layout (a system
+Python, include-system-site-packages, an editable install, PYTHONPATH, a .pth naming vllm)
+asks the interpreter itself. Both give the same answer (tests/test_target.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -56,11 +62,57 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
     root = Path(root)
     if not (root / "vllm").is_dir():
         raise EnvironmentProblem(
-            f"{root}: there is no 'vllm' package directory here. --vllm-root must name the directory "
-            f"that contains vllm/ (site-packages, or an extracted wheel), e.g. "
-            f"'.venv/lib/python3.12/site-packages'.")
+            headline="there is no 'vllm' package directory here", details=[("folder", str(root))],
+            hint="--vllm-root must name the directory that contains vllm/ (site-packages, or an extracted "
+                 "wheel), e.g. '.venv/lib/python3.12/site-packages'")
     dist_info, meta_version = _dist_info(root)
     return VllmTarget(root, meta_version or version, python, dist_info)
+
+
+def resolve_python(python: str) -> str:
+    """--python as the user meant it: a relative path against the caller's directory, a bare
+    name through PATH (the child runs in "/", so neither may be left to it)."""
+    if os.sep in python:
+        return os.path.abspath(python)
+    import shutil
+
+    return shutil.which(python) or python
+
+
+def venv_site(exe: str) -> Path | None:
+    """The one site-packages a plain venv's interpreter imports from, when the disk says so
+    unambiguously; None for anything else (then the interpreter must be asked)."""
+    if os.environ.get("PYTHONPATH") or os.environ.get("PYTHONHOME") or not os.access(exe, os.X_OK):
+        return None
+    here = Path(exe).parent
+    root = next((d for d in (here, here.parent) if (d / "pyvenv.cfg").is_file()), None)
+    if root is None:
+        return None
+    try:
+        cfg = (root / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in cfg.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().lower() == "include-system-site-packages" and value.strip().lower() == "true":
+            return None  # the base's site-packages (and the user site) come into play
+    sites = [d for d in (root / "lib").glob("python3*/site-packages") if d.is_dir()]
+    return sites[0] if len(sites) == 1 else None
+
+
+def _from_disk(exe: str) -> VllmTarget | None:
+    site = venv_site(exe)
+    if site is None or not (site / "vllm" / "__init__.py").is_file():
+        return None
+    if len(list(site.glob("vllm-*.dist-info"))) > 1:
+        return None  # importlib.metadata's choice among several is not ours to guess
+    for pth in site.glob("*.pth"):
+        try:
+            if "vllm" in pth.read_text(encoding="utf-8", errors="replace").lower():
+                return None  # an editable install or a path hook: only the interpreter knows
+        except OSError:
+            return None
+    return from_root(site, python=exe)
 
 
 def query_interpreter(python: str, code: str, *, what: str, args: list[str] | None = None,
@@ -73,29 +125,27 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     # The child runs in "/" (so no vllm/ or other package folder in the caller's directory can
     # shadow an installed one); a relative path or a bare command name must be resolved
     # against the caller first.
-    if os.sep in python:
-        python = os.path.abspath(python)
-    else:
-        import shutil
-
-        python = shutil.which(python) or python
+    python = resolve_python(python)
     import json  # here, not at the top: the default target (this interpreter) needs neither
     import subprocess
 
-    hint = f"Pass a working Python interpreter with --python (e.g. /opt/venv/bin/python) to {what}."
+    hint = f"pass a working Python interpreter with --python (e.g. /opt/venv/bin/python) to {what}"
+
+    def failed(headline: str, *rows: tuple[str, str]) -> EnvironmentProblem:
+        return EnvironmentProblem(headline=headline, details=[("python", python), *rows], hint=hint)
+
     try:
         proc = subprocess.run([python, "-c", code, *(args or [])], capture_output=True, text=True,
                               timeout=timeout, cwd="/",
                               env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
     except FileNotFoundError as exc:
-        raise EnvironmentProblem(f"The target Python {python} does not exist (no such file). {hint}") from exc
+        raise failed("the target Python does not exist (no such file)") from exc
     except PermissionError as exc:
-        raise EnvironmentProblem(f"The target Python {python} is not executable ({exc.strerror}). {hint}") from exc
+        raise failed("the target Python is not executable", ("error", str(exc.strerror))) from exc
     except OSError as exc:
-        raise EnvironmentProblem(f"The target Python {python} cannot be run ({exc.strerror or exc}). {hint}") from exc
+        raise failed("the target Python cannot be run", ("error", str(exc.strerror or exc))) from exc
     except subprocess.TimeoutExpired as exc:
-        raise EnvironmentProblem(f"The target Python {python} did not answer within {timeout:g} s "
-                                 f"when asked to {what}.") from exc
+        raise failed(f"the target Python did not answer within {timeout:g} s when asked to {what}") from exc
     line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
     try:
         data = json.loads(line[0]) if line else None
@@ -104,13 +154,14 @@ def query_interpreter(python: str, code: str, *, what: str, args: list[str] | No
     if not isinstance(data, dict):
         detail = (proc.stderr or proc.stdout).strip()[-1500:]
         raise EnvironmentProblem(
-            f"The target Python {python}, asked to {what}, exited {proc.returncode} without the "
-            f"expected answer ({detail or 'no output'}). It must be a working Python >= 3.8 with pip "
-            f"installed. {hint}")
+            headline=f"the target Python, asked to {what}, exited {proc.returncode} without the expected answer",
+            details=[("python", python), ("output", detail or "no output")],
+            hint=f"it must be a working Python >= 3.8 with pip installed; {hint}")
     return data
 
 
-def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmTarget:
+def locate(*, python: str | None = None, vllm_root: Path | None = None, ask: bool = False) -> VllmTarget:
+    """The vLLM to work on. ask=True always asks the interpreter (tests compare both ways)."""
     if vllm_root is not None:
         if python is not None:
             # The wheels go into that interpreter even when the tree is named directly, so it
@@ -119,6 +170,9 @@ def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmT
             python = info.get("executable") or python
         return from_root(vllm_root, python=python)
     if python is not None:
+        found = None if ask else _from_disk(resolve_python(python))
+        if found is not None:
+            return found
         info = query_interpreter(python, _QUERY, what="locate vllm")
         exe = info.get("executable") or python
     else:
@@ -127,9 +181,10 @@ def locate(*, python: str | None = None, vllm_root: Path | None = None) -> VllmT
     locations = info.get("locations") or []
     if not locations:
         raise EnvironmentProblem(
-            f"vLLM is not installed for {exe}: `import vllm` would fail there. Install vLLM into that "
-            f"environment, point m3fuse at it with --python /path/to/python, or at an unpacked tree "
-            f"with --vllm-root DIR.")
+            headline="vLLM is not installed for the target Python: `import vllm` would fail there",
+            details=[("python", exe)],
+            hint="install vLLM into that environment, point m3fuse at it with --python /path/to/python, or "
+                 "at an unpacked tree with --vllm-root DIR")
     pkg_dir = Path(locations[0])
     return from_root(pkg_dir.parent, python=exe, version=info.get("version"))
 

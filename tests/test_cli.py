@@ -24,3 +24,23 @@ def test_help_documents_exit_codes():
 def test_bad_option_is_usage_error():
     r = run_cli("verify", "--expect", "sideways")
     assert r.returncode == 2 and "sideways" in r.stderr
+
+
+def test_verify_no_wheels_imports_none_of_the_wheel_half(vllm_tree):
+    """`verify --no-wheels` runs in every CI job: it must not pay for the lock, packaging's
+    PEP 751 code, tomlkit or requests (and still give its verdict)."""
+    import json
+    import subprocess
+    import sys
+
+    root = vllm_tree("0.26.0")
+    code = ("import sys\nfrom m3fuse.cli import main\n"
+            "try:\n    main(['verify', '--no-wheels', '--expect', 'pristine', '--vllm-root', sys.argv[1]])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "import json\nprint(json.dumps([code, sorted(sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
+    exit_code, modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert exit_code == 0, out.stderr
+    loaded = {m for m in modules if m.startswith(("m3fuse.wheels", "m3fuse.cli_wheels", "packaging.pylock",
+                                                   "tomlkit", "requests", "urllib3"))}
+    assert loaded == set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from m3fuse.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, IntegrityError
-from m3fuse.fetch import FetchConfig, cache_path, default_cache_dir, obtain
-from m3fuse.lock import LockedWheel
+from m3fuse.wheels.fetch import FetchConfig, cache_path, default_cache_dir, obtain
+from m3fuse.wheels.lock import LockedWheel
 
 from wheelkit import FaultServer, build_wheel, cache_is_clean
 
@@ -84,7 +85,10 @@ def test_fault_matrix(tmp_path, payload, range_ok, plan, outcome):
             assert NAME in ei.value.message
             assert not cache_path(cfg.cache_root(), w).exists()
             if outcome == "integrity":
-                assert w.sha256 in ei.value.message and "expected sha256" in ei.value.message
+                msg = ei.value.message
+                assert msg.startswith("THESE FILES DO NOT MATCH THE HASHES IN THE LOCK")
+                assert f"    expected: sha256 {w.sha256}\n" in msg and re.search(r"^    got: +sha256 [0-9a-f]{64}$", msg, re.M)
+                assert msg.splitlines()[-1].startswith("hint: ")
         assert cache_is_clean(cfg.cache_root()) == []
         log = list(srv.log)
     if plan[0] == "drop" and outcome == "ok" and plan[1:2] in ([], ["drop"]):
@@ -217,7 +221,7 @@ def test_cached_install_path_does_not_import_requests(tmp_path, payload):
     sha = hashlib.sha256(payload).hexdigest()
     code = (
         "import sys; from pathlib import Path\n"
-        "from m3fuse.fetch import FetchConfig, obtain\nfrom m3fuse.lock import LockedWheel\n"
+        "from m3fuse.wheels.fetch import FetchConfig, obtain\nfrom m3fuse.wheels.lock import LockedWheel\n"
         f"w = LockedWheel({NAME!r}, 'https://unreachable.invalid/x.whl', {sha!r}, {len(payload)})\n"
         f"obtain(w, FetchConfig(cache_dir=Path({str(tmp_path / 'c')!r}), find_links=[Path({str(links)!r})]))\n"
         "print('requests' in sys.modules)\n")
@@ -246,11 +250,47 @@ def test_leftover_partial_files_are_dropped(tmp_path, payload):
         os.close(fd)
 
 
-def test_progress_bar_only_when_asked(tmp_path, payload, capsys):
+def _fetch_cli(tmp_path, srv, payload, stderr_tty: bool) -> str:
+    """`m3fuse fetch` as a user runs it, stderr on a real terminal (a pty) or on a pipe."""
+    import pty
+    import subprocess
+
+    from wheelkit import build_wheel, lock_text
+
+    whl = build_wheel(tmp_path / "w", "demo-pkg", "1.0", {"demo_pkg/blob.bin": payload})
+    lock = tmp_path / "p.lock"
+    lock.write_text(lock_text([("demo-pkg", "1.0", [(whl, srv.add(whl.name, whl.read_bytes()))])]))
+    cmd = [sys.executable, "-m", "m3fuse", "fetch", "--dest", str(tmp_path / "d"), "--lock", str(lock),
+           "--cache-dir", str(tmp_path / "c"), "--python", sys.executable]
+    if not stderr_tty:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    master, slave = pty.openpty()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=slave, check=True)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, payload):
     with FaultServer() as srv:
-        url = srv.add(NAME, payload)
-        obtain(pin(payload, url), cfg_for(tmp_path / "a", progress=True))
-        err = capsys.readouterr().err
-        assert "\r" in err and "100%" in err
-        obtain(pin(payload, url), cfg_for(tmp_path / "b", progress=False))
-        assert capsys.readouterr().err == ""
+        tty = _fetch_cli(tmp_path / "tty", srv, payload, stderr_tty=True)
+        assert "\r" in tty and "100%" in tty  # click's bar, redrawn in place
+        plain = _fetch_cli(tmp_path / "pipe", srv, payload, stderr_tty=False)
+    assert "\r" not in plain and "%" not in plain
+    assert "downloading http://127.0.0.1" in plain and "sha256 ok" in plain
+
+
+def test_progress_off_prints_nothing(tmp_path, payload, capsys):
+    with FaultServer() as srv:
+        obtain(pin(payload, srv.add(NAME, payload)), cfg_for(tmp_path / "b", progress=False))
+    assert capsys.readouterr().err == ""

@@ -1,13 +1,16 @@
-"""wheels.lock: parsing, validation refusals, and the comment-keeping writer."""
+"""wheels.lock: parsing, validation refusals (m3fuse's own and packaging's PEP 751 validator),
+tag selection, and the comment-keeping editor (tomlkit)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from m3fuse.errors import EXIT_USAGE
-from m3fuse.lock import LockedWheel, LockError, add_wheel, load_lock, parse_lock, url_problem
+from m3fuse.wheels.lock import (LockedPackage, LockedWheel, LockError, add_wheel, load_lock, parse_lock,
+                                select_wheel, url_problem)
 from m3fuse.resources import default_lock
 
 SHA = "a" * 64
@@ -18,7 +21,7 @@ def lock(url: str = f"https://example.invalid/{WHL}", sha: str | None = SHA, ext
          name: str | None = "demo-pkg", version: str = "1.0", wheel_name: str = WHL) -> str:
     hashes = f'hashes = {{ sha256 = "{sha}" }}' if sha is not None else ""
     nm = f'name = "{name}"' if name is not None else ""
-    return (f'lock-version = "1.0"\n\n[[packages]]\n{nm}\nversion = "{version}"\n\n'
+    return (f'lock-version = "1.0"\ncreated-by = "tests"\n\n[[packages]]\n{nm}\nversion = "{version}"\n\n'
             f'[[packages.wheels]]\nname = "{wheel_name}"\nurl = "{url}"\n{hashes}\n{extra}\n')
 
 
@@ -35,6 +38,58 @@ def test_shipped_lock_pins_the_validated_builds():
     assert aiter.url.startswith("https://github.com/ROCm/aiter/releases/download/v0.1.15.post1/amd_aiter-0.1.15.post1%2Brocm7.2")
     assert fly.size is None and aiter.size is None
     assert "cp312-cp312-manylinux_2_28_x86_64" in aiter.tags
+
+
+def test_shipped_lock_is_a_valid_pep751_document():
+    from packaging.pylock import Pylock, is_valid_pylock_path
+
+    from m3fuse import tomlread
+
+    pylock = Pylock.from_dict(tomlread.loads(default_lock().read_text()))
+    pylock.validate()
+    assert pylock.created_by == "m3fuse" and [p.name for p in pylock.packages] == ["flydsl", "amd-aiter"]
+    # The copy the docs tell people to make is a file name PEP 751 tools look for.
+    assert is_valid_pylock_path(Path("pylock.m3fuse.toml"))
+    # And packaging's own selection picks the same wheel as m3fuse for a CPython 3.12 target.
+    from packaging.tags import cpython_tags
+
+    tags = list(cpython_tags((3, 12), ["cp312"], [f"manylinux_2_{m}_x86_64" for m in range(28, 16, -1)]))
+    chosen = {p.name: w.filename for p, w in pylock.select(tags=tags, environment={"python_full_version": "3.12.3"})}
+    ours = {p.name: select_wheel(p, tags).name for p in load_lock(default_lock()).packages}
+    assert chosen == ours
+
+
+def test_lock_without_created_by_refused_by_the_pep751_validator(tmp_path):
+    path = tmp_path / "old.lock"
+    with pytest.raises(LockError) as ei:
+        parse_lock(lock().replace('created-by = "tests"\n', ""), path)
+    msg = ei.value.message
+    assert msg.splitlines()[0].startswith("the wheel lock is refused: created-by is missing")
+    assert f"file:  {path}" in msg and "entry: created-by" in msg and msg.splitlines()[-1].startswith("hint: ")
+    # verify reads the pins without the spec validator (speed): the same text loads there.
+    assert parse_lock(lock().replace('created-by = "tests"\n', ""), path, spec=False).packages
+
+
+def test_spec_only_rule_is_enforced_with_its_key(tmp_path):
+    # PEP 751 wants normalized names; m3fuse's own name rule would accept this one.
+    text = lock(name="Demo_Pkg")
+    with pytest.raises(LockError) as ei:
+        parse_lock(text, tmp_path / "l")
+    assert "not normalized" in ei.value.message and "packages[0].name" in ei.value.message
+    assert ei.value.exit_code == EXIT_USAGE
+
+
+def test_tag_selection_prefers_the_targets_best_tag():
+    sha = "f" * 64
+    wheels = tuple(LockedWheel(f"demo_pkg-1.0-{t}.whl", f"https://example.invalid/demo_pkg-1.0-{t}.whl", sha)
+                   for t in ("py3-none-any", "cp311-cp311-manylinux_2_17_x86_64", "cp312-cp312-manylinux_2_17_x86_64"))
+    pkg = LockedPackage("demo-pkg", "1.0", wheels)
+    from packaging.tags import Tag
+
+    t311 = [Tag("cp311", "cp311", "manylinux_2_17_x86_64"), Tag("py3", "none", "any")]
+    assert select_wheel(pkg, t311).name.endswith("cp311-cp311-manylinux_2_17_x86_64.whl")
+    assert select_wheel(pkg, [Tag("py3", "none", "any")]).name.endswith("py3-none-any.whl")
+    assert select_wheel(pkg, [Tag("cp27", "cp27mu", "manylinux1_x86_64")]) is None
 
 
 def test_valid_lock_parses(tmp_path):
@@ -60,6 +115,7 @@ def test_valid_lock_parses(tmp_path):
     (lock(extra="size = -1"), "non-negative"),
     (lock(extra='size = "12"'), "non-negative"),
     ('lock-version = "2.0"\n', "reads \"1.x\" only"),
+    (lock().replace('name = "demo-pkg"', 'name = "demo-pkg"\nmarker = "python_version >="'), "(PEP 751)"),
     ("[[packages]]\nname='x'\n", "lock-version is missing"),
     ('lock-version = "1.0"\n[[packages]]\nname = "x"\nversion = "1"\n', "lists no wheels"),
     ("this is = = not toml", "not valid TOML"),
@@ -135,6 +191,45 @@ def test_add_refuses_bad_url_and_leaves_file(tmp_path):
     assert path.read_text() == before
 
 
+def test_add_keeps_comments_order_and_unrelated_entries(tmp_path):
+    """tomlkit keeps the layout; the comment above a header stays with the entry it describes."""
+    path = tmp_path / "wheels.lock"
+    text = ('# top comment\nlock-version = "1.0"\ncreated-by = "me"  # who\n\n'
+            '# about a\n[[packages]]\nname = "a"\nversion = "1.0"\n\n[[packages.wheels]]\n'
+            'name = "a-1.0-py3-none-any.whl"\nurl = "https://example.invalid/a-1.0-py3-none-any.whl"  # mirror\n'
+            f'hashes = {{ sha256 = "{SHA}" }}\n\n'
+            '# about b\n# (two lines)\n[[packages]]\nname = "b"\nversion = "2.0"\n\n[[packages.wheels]]\n'
+            'name = "b-2.0-py3-none-any.whl"\nurl = "https://example.invalid/b-2.0-py3-none-any.whl"\n'
+            f'hashes = {{ sha256 = "{"b" * 64}" }}\n')
+    path.write_text(text)
+    # A second wheel for a: it goes under a's first wheel, above b's comments.
+    w = LockedWheel("a-1.0-cp312-cp312-linux_x86_64.whl", "https://example.invalid/a-1.0-cp312-cp312-linux_x86_64.whl", "c" * 64)
+    assert add_wheel(path, "a", "1.0", w) == "added"
+    out = path.read_text()
+    assert out.startswith(text[:text.index("# about b")])  # everything before b untouched
+    assert out.index("a-1.0-cp312") < out.index("# about b") < out.index('name = "b"')
+    assert out.endswith(text[text.index("# about b"):])  # b and its comments untouched
+    # A new package goes at the end; a new version of a keeps a's place and comment.
+    assert add_wheel(path, "c", "3.0", LockedWheel("c-3.0-py3-none-any.whl", "https://example.invalid/c.whl", "d" * 64)) == "added"
+    w2 = LockedWheel("a-2.0-py3-none-any.whl", "https://example.invalid/a-2.0-py3-none-any.whl", "e" * 64, 7)
+    assert add_wheel(path, "a", "2.0", w2) == "updated"
+    out = path.read_text()
+    assert [(p.name, p.version) for p in load_lock(path).packages] == [("a", "2.0"), ("b", "2.0"), ("c", "3.0")]
+    for keep in ("# top comment", 'created-by = "me"  # who', "# about a", "# about b\n# (two lines)\n[[packages]]"):
+        assert keep in out
+    assert out.index("# about a") < out.index('name = "a"') < out.index("a-2.0") < out.index("# about b")
+    assert "a-1.0" not in out and "\n\n\n" not in out
+
+
+def test_add_repairs_a_lock_without_created_by(tmp_path):
+    path = tmp_path / "wheels.lock"
+    path.write_text(lock().replace('created-by = "tests"\n', ""))
+    add_wheel(path, "demo-pkg", "1.0", LockedWheel(WHL, f"https://example.invalid/{WHL}", SHA, 5))
+    text = path.read_text()
+    assert text.startswith('lock-version = "1.0"\ncreated-by = "m3fuse"\n')
+    assert load_lock(path).packages[0].wheels[0].size == 5
+
+
 def test_add_to_shipped_lock_copy_round_trips(tmp_path):
     path = tmp_path / "wheels.lock"
     path.write_text(default_lock().read_text())
@@ -157,11 +252,35 @@ def test_toml_string_escaping(tmp_path):
     assert load_lock(path).packages[0].wheels[0].url == url
 
 
+def test_a_validated_lock_text_is_not_validated_again(tmp_path):
+    """The stamp cache: the second read of the same text skips packaging.pylock (its import is
+    the costliest part of an idempotent install's wheel step); any other text is validated."""
+    import subprocess
+
+    path, stamps = tmp_path / "w.lock", tmp_path / "stamps"
+    path.write_text(lock())
+    code = ("import sys; from pathlib import Path; from m3fuse.wheels.lock import load_lock; "
+            "load_lock(Path(sys.argv[1]), stamps=Path(sys.argv[2])); print('packaging.pylock' in sys.modules)")
+
+    def imports_pylock() -> bool:
+        out = subprocess.run([sys.executable, "-c", code, str(path), str(stamps)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip() == "True"
+
+    assert imports_pylock() is True and len(list(stamps.iterdir())) == 1
+    assert imports_pylock() is False
+    # Another text (here: one the validator refuses) is validated, stamp or not.
+    path.write_text(lock(name="Demo_Pkg"))
+    with pytest.raises(LockError, match="not normalized"):
+        load_lock(path, stamps=stamps)
+    assert len(list(stamps.iterdir())) == 1
+
+
 def test_reading_the_lock_does_not_import_requests():
     import subprocess
 
-    code = ("import sys; from m3fuse.lock import load_lock; from m3fuse.resources import default_lock; "
-            "import m3fuse.wheels; load_lock(default_lock()); print('requests' in sys.modules)")
+    code = ("import sys; from m3fuse.wheels.lock import load_lock; from m3fuse.resources import default_lock; "
+            "import m3fuse.wheels.step; load_lock(default_lock()); print('requests' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -125,7 +125,7 @@ def test_relative_and_bare_python_paths_resolve_from_the_callers_directory(vllm_
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["vllm"]["version"] == "0.26.0"
     # The wheel half asks the same interpreter through the same path resolution.
-    r = subprocess.run([sys.executable, "-c", "import sys; from m3fuse.wheelcheck import target_tags; "
+    r = subprocess.run([sys.executable, "-c", "import sys; from m3fuse.wheels.check import target_tags; "
                         "print(target_tags(sys.argv[1])[0])", rel],
                        capture_output=True, text=True, cwd=env_dir.parent)
     assert r.returncode == 0 and r.stdout.startswith("cp3"), r.stderr

@@ -4,6 +4,7 @@ flydsl 0.5.0 wheel (installed) and amd-aiter 0.1.7.post2.dev18 (refused)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import m3fuse.wheels as wheels_mod
+import m3fuse.wheels.step as wheels_mod
 from m3fuse.cli_wheels import fetch_command, lock_group
 from m3fuse.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, IntegrityError
-from m3fuse.lock import load_lock
-from m3fuse.wheelcheck import WheelCheckError
-from m3fuse.wheels import WheelOptions, install_pinned, verify_pinned
+from m3fuse.wheels.lock import load_lock
+from m3fuse.wheels.check import WheelCheckError
+from m3fuse.wheels.step import WheelOptions, install_pinned, verify_pinned
 
 from wheelkit import (FaultServer, aiter_wheel, build_wheel, cache_is_clean, clone_venv, installed, lock_text,
                       make_venv, real_flydsl, real_old_aiter, sha256_of)
@@ -95,7 +96,8 @@ def test_install_verify_fast_path_and_repair(tmp_path, venv, server, wheels_dir)
     assert states(lock, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
     lines: list[str] = []
     res = install_pinned(opts(lock, tmp_path, venv), echo=lines.append)
-    assert [(r["name"], r["action"]) for r in res] == [("demo-fly", "installed"), ("amd-aiter", "installed")]
+    assert [(r["name"], r["action"], r["result"]) for r in res] == [("demo-fly", "install", "installed"),
+                                                                   ("amd-aiter", "install", "installed")]
     assert all(Path(r["file"]).is_file() and sha256_of(Path(r["file"])) == r["sha256"] for r in res)
     assert installed(venv, "demo-fly") == "0.1.9.dev1+abc" and installed(venv, "amd-aiter") == AITER_V
     v = verify_pinned(lock, venv)
@@ -109,7 +111,7 @@ def test_install_verify_fast_path_and_repair(tmp_path, venv, server, wheels_dir)
     # Second run: nothing to do, no download, no pip.
     n_requests = len(server.log)
     res = install_pinned(opts(lock, tmp_path, venv), echo=lines.append)
-    assert [r["action"] for r in res] == ["already-installed", "already-installed"]
+    assert [(r["action"], r["result"]) for r in res] == [("keep", "unchanged"), ("keep", "unchanged")]
     assert len(server.log) == n_requests
 
     # An edited installed file is a RECORD mismatch; install repairs it (from the cache).
@@ -118,7 +120,7 @@ def test_install_verify_fast_path_and_repair(tmp_path, venv, server, wheels_dir)
     v = verify_pinned(lock, venv)
     assert v[0]["state"] == "record-mismatch" and any("modified: demo_fly/__init__.py" in p for p in v[0]["problems"])
     res = install_pinned(opts(lock, tmp_path, venv), echo=lines.append)
-    assert [r["action"] for r in res] == ["installed", "already-installed"]
+    assert [(r["action"], r["result"]) for r in res] == [("repair", "installed"), ("keep", "unchanged")]
     assert f.read_text() == "X = 1\n" and len(server.log) == n_requests
     # A deleted file too.
     site_file(venv, "demo_fly/data.txt").unlink()
@@ -134,7 +136,7 @@ def test_reinstall_over_another_version(tmp_path, venv, server, wheels_dir):
     assert v[0]["state"] == "wrong-version" and v[0]["installed_version"] == "0.0.1"
     assert "pins 0.1.9.dev1+abc" in v[0]["problems"][0]
     res = install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
-    assert res[0]["installed_before"] == "0.0.1" and res[0]["action"] == "installed"
+    assert res[0]["installed_version"] == "0.0.1" and res[0]["action"] == "upgrade" and res[0]["result"] == "installed"
     assert states(lock, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}
 
 
@@ -177,7 +179,7 @@ def test_bad_aiter_build_refused_before_anything_is_installed(tmp_path, venv, se
 def test_dry_run_changes_nothing(tmp_path, venv, server, wheels_dir):
     lock = make_lock(tmp_path, server, wheels_dir["fly"], wheels_dir["aiter"])
     res = install_pinned(opts(lock, tmp_path, venv), dry_run=True, echo=lambda s: None)
-    assert [r["action"] for r in res] == ["would-install", "would-install"]
+    assert [(r["action"], r["result"]) for r in res] == [("install", "dry-run"), ("install", "dry-run")]
     assert all(r["file"] is None for r in res) and server.log == []
     assert states(lock, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
     # With the wheels cached, a dry run verifies and checks them (still offline).
@@ -185,7 +187,7 @@ def test_dry_run_changes_nothing(tmp_path, venv, server, wheels_dir):
     pip(venv, "uninstall", "-y", "demo-fly")
     n = len(server.log)
     res = install_pinned(opts(lock, tmp_path, venv), dry_run=True, echo=lambda s: None)
-    assert [r["action"] for r in res] == ["would-install", "already-installed"]
+    assert [(r["action"], r["result"]) for r in res] == [("install", "dry-run"), ("keep", "unchanged")]
     assert res[0]["file"] and len(server.log) == n
     assert states(lock, venv)["demo-fly"] == "missing"
 
@@ -195,14 +197,15 @@ def test_torch_must_not_move(tmp_path, venv, server, wheels_dir, monkeypatch):
     lock = make_lock(tmp_path, server, wheels_dir["fly"], wheels_dir["aiter"])
     real = wheels_mod.pip_install
 
-    def evil_pip_install(python, wheel, sha):  # a wheel step that drags torch along
-        real(python, wheel, sha)
+    def evil_pip_install(python, wheels, **kw):  # a wheel step that drags torch along
+        real(python, wheels, **kw)
         pip(python, "install", "--no-deps", "--no-index", str(wheels_dir["torch-b"]))
 
     monkeypatch.setattr(wheels_mod, "pip_install", evil_pip_install)
     with pytest.raises(EnvironmentProblem) as ei:
         install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
-    assert "before 2.0.0+rocm" in ei.value.message and "after 2.1.0" in ei.value.message
+    assert re.search(r"^  before: +2\.0\.0\+rocm$", ei.value.message, re.M)
+    assert re.search(r"^  after: +2\.1\.0$", ei.value.message, re.M)
     assert ei.value.exit_code == EXIT_ENVIRONMENT
     monkeypatch.setattr(wheels_mod, "pip_install", real)
     pip(venv, "install", "--no-deps", "--no-index", "--force-reinstall", str(wheels_dir["torch-a"]))
@@ -229,7 +232,7 @@ def test_air_gapped_fetch_then_find_links_install(tmp_path, venv, server, wheels
     # Now the "air-gapped" side: the server is gone (URLs unreachable), only --find-links.
     server.files.clear()
     res = install_pinned(opts(lock, tmp_path, venv, find_links=[dest]), echo=lambda s: None)
-    assert [r["action"] for r in res] == ["installed", "installed"]
+    assert [r["result"] for r in res] == ["installed", "installed"]
     assert states(lock, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}
 
 
@@ -271,7 +274,7 @@ def test_lock_add_and_check_commands(tmp_path, server, wheels_dir):
 def test_verify_does_not_import_requests(tmp_path, venv, wheels_dir):
     lock = tmp_path / "file.lock"
     lock.write_text(lock_text([("demo-fly", "0.1.9.dev1+abc", [(wheels_dir["fly"], wheels_dir["fly"].as_uri())])]))
-    code = (f"import sys; from pathlib import Path; from m3fuse.wheels import verify_pinned; "
+    code = (f"import sys; from pathlib import Path; from m3fuse.wheels.step import verify_pinned; "
             f"r = verify_pinned(Path({str(lock)!r}), {venv!r}); print(r[0]['state'], 'requests' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["missing", "False"]
@@ -286,7 +289,7 @@ def test_real_flydsl_installed_from_loopback(tmp_path, venv, server):
     lock = tmp_path / "real.lock"
     lock.write_text(lock_text([("flydsl", "0.5.0", [(fly, url)])]))
     res = install_pinned(opts(lock, tmp_path, venv, read_timeout=10), echo=lambda s: None)
-    assert res[0]["action"] == "installed" and res[0]["sha256"] == sha256_of(fly)
+    assert res[0]["result"] == "installed" and res[0]["sha256"] == sha256_of(fly)
     assert installed(venv, "flydsl") == "0.5.0"
     v = verify_pinned(lock, venv)
     assert v[0]["state"] == "ok" and v[0]["record_files"] > 100
@@ -311,13 +314,13 @@ def test_no_fitting_wheel(tmp_path, venv, server, wheels_dir):
     other = build_wheel(tmp_path / "w", "demo-fly", "0.1.9.dev1+abc", tag="cp27-cp27mu-manylinux1_x86_64")
     lock = tmp_path / "other.lock"
     lock.write_text(lock_text([("demo-fly", "0.1.9.dev1+abc", [(other, server.add(other.name, other.read_bytes()))])]))
-    with pytest.raises(EnvironmentProblem, match="No wheel pinned for demo-fly") as ei:
+    with pytest.raises(EnvironmentProblem, match="no wheel pinned for demo-fly") as ei:
         install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
     assert ei.value.exit_code == EXIT_ENVIRONMENT and server.log == []
     # ... unless the pinned version is already installed intact: then no wheel is needed.
     pip(venv, "install", "--no-deps", "--no-index", str(wheels_dir["fly"]))
     res = install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
-    assert res[0]["action"] == "already-installed"
+    assert res[0]["action"] == "keep"
     # `fetch --all` takes every wheel of the lock, whatever the interpreter.
     r = CliRunner().invoke(fetch_command, ["--dest", str(tmp_path / "d"), "--lock", str(lock), "--all",
                                            "--cache-dir", str(tmp_path / "c")])
@@ -336,15 +339,41 @@ def test_real_cli_install_no_patches_from_loopback(tmp_path, venv, server, wheel
     base = ["install", "--no-patches", "--lock", str(bad), "--python", venv, "--cache-dir", str(tmp_path / "cache")]
     r = cli(*base)
     assert r.returncode == EXIT_INTEGRITY, r.stdout + r.stderr
-    assert "expected sha256" in r.stdout + r.stderr
+    assert "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK" in r.stderr and "    expected: sha256 " in r.stderr
     assert states(bad, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
     assert cache_is_clean(tmp_path / "cache") == []
     r = cli(*base, "--json")  # the server now serves the right bytes
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
-    assert [(w["name"], w["action"]) for w in out["wheels"]] == [("demo-fly", "installed"), ("amd-aiter", "installed")]
+    assert [(w["name"], w["action"], w["result"]) for w in out["wheels"]] == [("demo-fly", "install", "installed"),
+                                                                               ("amd-aiter", "install", "installed")]
     assert states(bad, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}
     r = cli("lock", "check", "--lock", str(bad))
     assert r.returncode == 0, r.stdout + r.stderr
     # (Exit codes of failing `fetch` / `lock` commands are mapped centrally in cli.py; their
     # errors are checked above through CliRunner as the raised M3fuseError.)
+
+
+def test_a_wheel_changed_after_its_checks_is_refused_by_pip_as_integrity(tmp_path, venv, server, wheels_dir,
+                                                                       monkeypatch):
+    """m3fuse does not hash each wheel again before pip: pip's --require-hashes checks the bytes it
+    actually installs. A file swapped after m3fuse's checks is refused there, reported as an
+    integrity failure (exit 4), and nothing is installed."""
+    lock = make_lock(tmp_path, server, wheels_dir["fly"], wheels_dir["aiter"])
+    real = wheels_mod.check_wheel
+
+    def check_then_swap(path, pkg, tags, python):  # the swap lands between our check and pip
+        real(path, pkg, tags, python)
+        if pkg.name == "amd-aiter":
+            with open(path, "ab") as f:
+                f.write(b"\0")
+
+    monkeypatch.setattr(wheels_mod, "check_wheel", check_then_swap)
+    with pytest.raises(IntegrityError) as ei:
+        install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert ei.value.exit_code == EXIT_INTEGRITY and "changed after it was verified" in ei.value.message
+    assert states(lock, venv) == {"demo-fly": "missing", "amd-aiter": "missing"}
+    # The next run notices the damaged cache entry, fetches it again and installs.
+    monkeypatch.setattr(wheels_mod, "check_wheel", real)
+    install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
+    assert states(lock, venv) == {"demo-fly": "ok", "amd-aiter": "ok"}

@@ -94,7 +94,7 @@ def aiter_wheel(directory: Path, version: str = "0.1.15.post1+test", *, use_1sta
 
 def lock_text(entries: list[tuple[str, str, list[tuple[Path, str]]]], *, sizes: bool = True) -> str:
     """A lock for [(name, version, [(wheel_path, url), ...]), ...]."""
-    out = ['lock-version = "1.0"']
+    out = ['lock-version = "1.0"', 'created-by = "m3fuse-tests"']
     for name, version, wheels in entries:
         out += ["", "[[packages]]", f'name = "{name}"', f'version = "{version}"']
         for path, url in wheels:
@@ -241,6 +241,35 @@ def clone_venv(template: Path, dest: Path) -> Path:
     sits beside bin/, so the copy is a working venv of its own); returns its python."""
     shutil.copytree(template, dest, symlinks=True)
     return dest / "bin" / "python"
+
+
+def make_system_python(dest: Path, *, externally_managed: bool = True) -> Path:
+    """A Python installation that is NOT a virtual environment (sys.prefix == sys.base_prefix),
+    as a distribution's /usr is, built from the running interpreter's own parts: a copy of its
+    executable, its stdlib entries linked in, an empty site-packages of its own (plus the test
+    venv's pip), and with externally_managed the PEP 668 marker in its stdlib directory. A venv
+    cannot serve here: PEP 668 (and pip) ignore the marker inside one. Returns its python."""
+    import sysconfig
+
+    base = Path(sys.base_prefix)
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    stdlib = Path(sysconfig.get_path("stdlib", vars={"installed_base": str(base)}))
+    (dest / "bin").mkdir(parents=True)
+    lib = dest / "lib" / ver
+    (lib / "site-packages").mkdir(parents=True)
+    for entry in stdlib.iterdir():
+        if entry.name != "site-packages":
+            (lib / entry.name).symlink_to(entry)
+    for so in (base / "lib").glob("libpython*"):  # a relative rpath ($ORIGIN/../lib) must find it too
+        (dest / "lib" / so.name).symlink_to(so)
+    exe = dest / "bin" / "python3"
+    shutil.copy2(os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable), exe)
+    import pip
+
+    (lib / "site-packages" / "pip").symlink_to(Path(pip.__file__).parent)
+    if externally_managed:
+        (lib / "EXTERNALLY-MANAGED").write_text("[externally-managed]\nError=managed by the test's pretend OS\n")
+    return exe
 
 
 def installed(python: Path | str, name: str) -> str | None:

@@ -5,8 +5,9 @@ Only bytes whose sha256 equals the pin ever reach the cache proper
 `<cache>/tmp/` and is deleted on any failure. A cached file is re-hashed before every use, so
 a file damaged on disk is noticed, dropped and fetched again.
 
-`requests` is imported only when a network download is really needed: `m3fuse verify` and
-cached or `file://` / `--find-links` installs never pay for it.
+This module never imports `requests` itself before a network download: `m3fuse verify` and
+an idempotent install never load it (an install with wheels to put in warms it in a thread
+while it waits on the target interpreter, see wheels/step.py).
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from .errors import EnvironmentProblem, IntegrityError
-from .fingerprint import hash_file
+from ..errors import EnvironmentProblem, IntegrityError, Row
+from ..fingerprint import hash_file
 from .lock import LockedWheel
 
-CHUNK = 1 << 20  # local reads and hashing
-NET_CHUNK = 1 << 18  # network reads: a read cut short by a dropped connection loses its whole
-# chunk (urllib3 raises instead of returning the partial read), so keep it small for resume;
-# 256 KiB rather than 64 KiB: ~0.78 -> ~0.95 GB/s from loopback (bench/bench.py), at most
-# 256 KiB fetched again after a drop
+CHUNK = 1 << 20  # reads, hashing and writes
+NET_CHUNK = 1 << 18  # the decoding fallback only (content-encoded bodies): a read cut short there
+# loses its whole chunk (urllib3 raises instead of returning the partial read)
 USER_AGENT = "m3fuse (wheel fetch)"
 
 
@@ -51,11 +50,15 @@ class FetchConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 15.0
     read_timeout: float = 60.0  # longest silence tolerated mid-body
-    progress: bool | None = None  # None: a bar when stderr is a terminal
+    progress: bool | None = None  # None: a bar when stderr is a terminal; False: never
     echo: Callable[[str], None] = _quiet
 
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def lock_stamps(self) -> Path:
+        """Where the lock texts packaging's PEP 751 validator has passed are remembered."""
+        return self.cache_root() / "validated-locks"
 
 
 def default_cache_dir() -> Path:
@@ -76,51 +79,122 @@ def _fmt_size(n: int | None) -> str:
     return f"{n} bytes"
 
 
-def mismatch_message(wheel: LockedWheel, source: str, got_sha: str, got_size: int, *, removed: bool = True) -> str:
-    size_note = ""
+MISMATCH_HEADLINE = "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK"  # pip's words for the same failure
+
+
+def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int) -> list[Row]:
+    """One wheel's expected/got rows, and what the size says about the difference."""
     if wheel.size is not None and got_size != wheel.size:
-        size_note = (f" The size differs too (expected {wheel.size} bytes, got {got_size})"
-                     + (": the file is truncated, so the transfer was cut short." if got_size < wheel.size
-                        else ": the file is larger than pinned, so it is a different file."))
+        size = (f"expected {wheel.size} bytes, got {got_size}: "
+                + ("the file is truncated, so the transfer was cut short" if got_size < wheel.size
+                   else "the file is larger than pinned, so it is a different file"))
     elif wheel.size is not None:
-        size_note = f" The size is right ({got_size} bytes), so the content itself differs: a different or tampered file."
+        size = f"right ({got_size} bytes): the size is right, so the content itself differs (a different or tampered file)"
     else:
-        size_note = f" The lock pins no size; {got_size} bytes were received."
-    return (f"THESE FILES DO NOT MATCH THE HASHES IN THE LOCK: {wheel.name} from {source}: "
-            f"expected sha256 {wheel.sha256}, got {got_sha}.{size_note} "
-            + ("The bad file was deleted and nothing was installed. " if removed else "Nothing was installed. ")
-            + "If the lock is right, someone may have changed the file at its source: do not "
-            "install it; fetch it again from a trusted source, or, if the new build is intended, "
-            "re-pin it with `m3fuse lock add`.")
+        size = f"the lock pins no size; {got_size} bytes were received"
+    return [("", wheel.name), ("from", source), ("expected", f"sha256 {wheel.sha256}"),
+            ("got", f"sha256 {got_sha}"), ("size", size)]
 
 
-class _Progress:
-    """A one-line bar on a terminal; otherwise nothing (the caller echoes start/end lines)."""
+def mismatch_error(rows: list[Row], *, removed: bool = True) -> IntegrityError:
+    return IntegrityError(
+        headline=MISMATCH_HEADLINE + ("; the bad file was deleted and nothing was installed" if removed
+                                      else "; nothing was installed"),
+        details=rows,
+        hint="if the lock is right, someone may have changed the file at its source: do not install it; "
+             "fetch it again from a trusted source, or, if the new build is intended, re-pin it with `m3fuse lock add`")
 
-    def __init__(self, name: str, total: int | None, enabled: bool) -> None:
-        self.name, self.total, self.enabled = name, total, enabled
-        self.last = 0.0
 
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < 0.1 and (self.total is None or done < self.total):
-            return
-        self.last = now
-        if self.total:
-            pct = min(100, done * 100 // self.total)
-            bar = "#" * (pct * 30 // 100)
-            line = f"\r  {self.name[:40]:40} [{bar:30}] {pct:3d}% {done / 1e6:8.1f} MB"
-        else:
-            line = f"\r  {self.name[:40]:40} {done / 1e6:8.1f} MB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
+def _bar(label: str, total: int | None, have: int, show: bool | None):  # noqa: ANN202 - click's bar or None
+    """click's progress bar when stderr is a terminal; None when it is not or show is False
+    (the caller echoes plain lines)."""
+    if show is False or not sys.stderr.isatty():
+        return None
+    import click
 
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    bar = click.progressbar(length=total, label=f"  {label[:40]}", file=sys.stderr, show_pos=False,
+                            show_percent=total is not None, width=30)
+    bar.__enter__()
+    if have:
+        bar.update(have)
+    return bar
+
+
+class _Pump:
+    """Reads a response body into rotating buffers while a worker thread hashes and writes
+    the buffer read before (sha256 and file writes release the GIL, so on two cores the
+    three overlap). `done` counts the bytes hashed and written, also after a failed read,
+    so a retry resumes exactly there."""
+
+    BUFFERS = 4
+
+    def __init__(self, f, h) -> None:  # noqa: ANN001 - a binary file, a hashlib object
+        import queue
+        import threading
+
+        self.f, self.h, self.done = f, h, 0
+        self.free: queue.Queue = queue.Queue()
+        self.full: queue.Queue = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.error: BaseException | None = None
+        self.worker = threading.Thread(target=self._work, name="m3fuse-hash-write", daemon=True)
+        self.worker.start()
+
+    def _work(self) -> None:
+        while (item := self.full.get()) is not None:
+            buf, n = item
+            if self.error is None:
+                try:
+                    mv = memoryview(buf)[:n]
+                    self.h.update(mv)
+                    self.f.write(mv)
+                    self.done += n
+                except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+                    self.error = exc
+            self.free.put(buf)
+
+    def run(self, readinto, limit: int | None, progress) -> None:  # noqa: ANN001
+        """Read until EOF (or past `limit` bytes in all); re-raises a read error only after
+        every byte read before it is hashed and written."""
+        read = 0
+        try:
+            while self.error is None:
+                buf = self.free.get()
+                n = readinto(buf)
+                if not n:
+                    self.free.put(buf)
+                    break
+                self.full.put((buf, n))
+                read += n
+                if progress is not None:
+                    progress.update(n)
+                if limit is not None and read > limit:
+                    break
+        finally:
+            self.full.put(None)
+            self.worker.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _readinto(resp):  # noqa: ANN001,ANN202
+    """The lowest-level reader of the body that still gets it right: http.client's readinto
+    straight into our buffer (no copy, and a dropped connection keeps its partial read) when
+    the body is not content-encoded; otherwise requests' decoding iterator."""
+    fp = getattr(resp.raw, "_fp", None)
+    if fp is not None and hasattr(fp, "readinto") and resp.headers.get("Content-Encoding", "identity") == "identity":
+        return fp.readinto
+    chunks = resp.iter_content(NET_CHUNK)
+
+    def from_iter(buf: bytearray) -> int:
+        for chunk in chunks:
+            if chunk:
+                buf[:len(chunk)] = chunk
+                return len(chunk)
+        return 0
+
+    return from_iter
 
 
 class _Retry(Exception):
@@ -198,9 +272,9 @@ def _tmp_dir(cfg: FetchConfig) -> Path:
     try:
         tmp.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise EnvironmentProblem(
-            f"The wheel cache {root} cannot be created ({exc}). Pass a writable folder with "
-            f"--cache-dir DIR, or set XDG_CACHE_HOME.") from None
+        raise EnvironmentProblem(headline="the wheel cache cannot be created",
+                                 details=[("folder", str(root)), ("error", str(exc))],
+                                 hint="pass a writable folder with --cache-dir DIR, or set XDG_CACHE_HOME") from None
     # A killed run cannot clean up after itself: drop every partial file no live run holds.
     now = time.time()
     for p in tmp.glob("*.part"):
@@ -267,14 +341,17 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
                     n += len(b)
         except FileNotFoundError:
             raise EnvironmentProblem(
-                f"The wheel {wheel.name} is pinned to {wheel.url}, but {src} does not exist. Put the "
-                f"file there (for example with `m3fuse fetch --dest DIR` on a connected machine) or "
-                f"pass its folder with --find-links DIR.") from None
+                headline=f"the pinned wheel {wheel.name} does not exist",
+                details=[("pinned", wheel.url), ("looked at", str(src))],
+                hint="put the file there (for example with `m3fuse fetch --dest DIR` on a connected machine) "
+                     "or pass its folder with --find-links DIR") from None
         except OSError as exc:
-            raise EnvironmentProblem(f"Cannot read the wheel {src} ({exc}); check its permissions.") from None
+            raise EnvironmentProblem(headline=f"cannot read the wheel {wheel.name}",
+                                     details=[("file", str(src)), ("error", str(exc))],
+                                     hint="check its permissions") from None
         sha = h.hexdigest()
         if sha != wheel.sha256 or (wheel.size is not None and n != wheel.size):
-            raise IntegrityError(mismatch_message(wheel, str(src), sha, n, removed=False))
+            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n), removed=False)
         cfg.echo(f"{wheel.name}: read from {src}, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -287,7 +364,7 @@ def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
         sha, size = download(wheel.url, tmp, cfg, expected_size=wheel.size, label=wheel.name,
                              expected_sha256=wheel.sha256)
         if sha != wheel.sha256 or (wheel.size is not None and size != wheel.size):
-            raise IntegrityError(mismatch_message(wheel, wheel.url, sha, size))
+            raise mismatch_error(mismatch_rows(wheel, wheel.url, sha, size))
         cfg.echo(f"{wheel.name}: downloaded {size} bytes, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -311,12 +388,14 @@ def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | Non
 
 def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
               label: str, expected_sha256: str | None) -> tuple[str, int]:
+    from http.client import HTTPException  # requests has imported it already
+
     h = hashlib.sha256()
     have = 0
     resumed = False
     restarted_for_hash = False
     last_error = ""
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = cfg.progress
     cfg.echo(f"{label}: downloading {url}")
     attempt = 0
     while True:
@@ -339,9 +418,10 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     raise _Retry("HTTP 416 on resume; starting over")
                 if status not in (200, 206):
                     raise EnvironmentProblem(
-                        f"Downloading {label} from {url} failed with HTTP {status} ({resp.reason}). "
-                        f"Check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
-                        f"download the file elsewhere and pass its folder with --find-links DIR.")
+                        headline=f"downloading {label} failed with HTTP {status} ({resp.reason})",
+                        details=[("url", url)],
+                        hint="check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
+                             "download the file elsewhere and pass its folder with --find-links DIR")
                 mode = "ab"
                 if status == 206 and have:
                     cr = resp.headers.get("Content-Range", "")
@@ -357,26 +437,27 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                 clen = resp.headers.get("Content-Length")
                 body_len = int(clen) if clen and clen.isdigit() else None
                 total = (have + body_len) if body_len is not None else expected_size
-                bar = _Progress(label, total, show)
-                got_this = 0
+                bar = _bar(label, total, have, show)
+                start = have
                 try:
                     with open(dest, mode) as f:
-                        for chunk in resp.iter_content(NET_CHUNK):
-                            if not chunk:
-                                continue
-                            f.write(chunk)
-                            h.update(chunk)
-                            have += len(chunk)
-                            got_this += len(chunk)
-                            bar.update(have)
-                            if expected_size is not None and have > expected_size:
-                                break
-                except (requests.ConnectionError, requests.Timeout,
-                        requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ContentDecodingError) as exc:
+                        pump = _Pump(f, h)
+                        try:
+                            pump.run(_readinto(resp), None if expected_size is None else expected_size - start, bar)
+                        finally:
+                            have = start + pump.done
+                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError, HTTPException, OSError) as exc:
+                    if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
+                        raise EnvironmentProblem(headline=f"writing the download of {label} failed",
+                                                 details=[("file", str(dest)), ("error", str(exc))],
+                                                 hint="check the cache folder's disk space and permissions, "
+                                                      "or pass another with --cache-dir DIR") from None
                     raise _Retry(f"transfer broke after {have} bytes: {exc}") from None
                 finally:
-                    bar.close()
+                    if bar is not None:
+                        bar.__exit__(None, None, None)
+                got_this = have - start
                 if body_len is not None and got_this < body_len:
                     raise _Retry(f"truncated body: {got_this} of {body_len} bytes")
                 if expected_size is not None and have < expected_size and body_len is None:
@@ -392,10 +473,11 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             last_error = str(r)
             if attempt >= cfg.retries:
                 raise EnvironmentProblem(
-                    f"Downloading {label} from {url} failed after {attempt + 1} attempts; last error: "
-                    f"{last_error}. The partial file was deleted and nothing was installed. Check the "
-                    f"network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
-                    f"download the file elsewhere and pass its folder with --find-links DIR.") from None
+                    headline=f"downloading {label} failed after {attempt + 1} attempts; the partial file was "
+                             f"deleted and nothing was installed",
+                    details=[("url", url), ("last error", last_error)],
+                    hint="check the network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
+                         "download the file elsewhere and pass its folder with --find-links DIR") from None
             delay = min(cfg.backoff * (2 ** attempt), cfg.backoff_max)
             attempt += 1
             how = f"resuming at byte {have}" if have else "from the start"

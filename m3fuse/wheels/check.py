@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Callable
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from .errors import EnvironmentProblem, IntegrityError
-from .lock import LockedPackage, LockedWheel
-from .target import query_interpreter
+from ..errors import EnvironmentProblem, IntegrityError
+from .lock import LockedPackage
+from ..target import query_interpreter
 
 # ast, zipfile and email.parser are imported by the checks that use them: `m3fuse verify`
 # imports this module (for target_tags) and must not pay for them.
@@ -51,34 +51,17 @@ def target_tags(python: str) -> tuple[str, ...]:
     """The target interpreter's supported tags, most preferred first."""
     tags = query_interpreter(python, _TAGS_SCRIPT, what="report its wheel tags", timeout=60).get("tags")
     if not isinstance(tags, list) or not tags:
-        raise EnvironmentProblem(f"The target Python {python} printed no tag list; is its pip intact?")
+        raise EnvironmentProblem(headline="the target Python printed no tag list", details=[("python", python)],
+                                 hint=f"check its pip: `{python} -m pip --version`")
     return tuple(tags)
-
-
-def select_wheel(pkg: LockedPackage, tags: tuple[str, ...], lock_path: Path, python: str) -> LockedWheel:
-    """The pinned wheel of `pkg` the target supports best (lowest tag priority index)."""
-    rank = {t: i for i, t in enumerate(tags)}
-    best: tuple[int, LockedWheel] | None = None
-    for w in pkg.wheels:
-        score = min((rank[t] for t in w.tags if t in rank), default=None)
-        if score is not None and (best is None or score < best[0]):
-            best = (score, w)
-    if best is None:
-        offered = ", ".join(sorted({t for w in pkg.wheels for t in w.tags}))
-        raise EnvironmentProblem(
-            f"No wheel pinned for {pkg.name} {pkg.version} in {lock_path} fits the target Python "
-            f"{python} (its best tag is {tags[0] if tags else 'unknown'}; the lock offers {offered}). "
-            f"Point --python at an interpreter the pinned build was made for (for the shipped lock: "
-            f"CPython 3.12 on x86_64 Linux), or pin a matching wheel with `m3fuse lock add`.")
-    return best[1]
 
 
 # ------------------------------------------------------------------------- file checks
 
 
 def _fail(path: Path, check: str, detail: str, why: str) -> WheelCheckError:
-    return WheelCheckError(f"The wheel {path.name} ({path}) failed the {check} check: {detail}. {why} "
-                           f"Nothing was installed.")
+    return WheelCheckError(headline=f"the wheel {path.name} failed the {check} check; nothing was installed",
+                           details=[("file", str(path)), ("problem", detail)], hint=why)
 
 
 def check_tags(path: Path, tags: tuple[str, ...], python: str) -> None:

@@ -1,0 +1,281 @@
+"""The wheel step of `m3fuse install`, `verify` and `fetch`: what the CLI calls.
+
+install_pinned reads the way the patch engine does:
+
+  inspect  the target: installed versions, RECORD integrity, PEP 668 marker (one probe);
+  plan     one action per pinned wheel (plan.py), and every refusal that needs no file:
+           a downgrade, an externally managed target, no wheel fitting the target;
+  obtain   every wheel that is needed (cache, --find-links, file://, download), verified;
+  check    every one of them (tags, archive paths, metadata, AITER API);
+  install  all of them in one pip run;
+  prove    versions equal the pins, torch unchanged.
+
+Nothing changes in the environment before the install step, so a bad download, a bad build or
+a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row
+from ..fingerprint import hash_file
+from . import plan as planner
+from .check import check_wheel, target_tags
+from .fetch import FetchConfig, obtain
+from .install import PipFailed, pip_install, probe, state_of, verify_wheels
+from .lock import load_lock
+
+GUARDED = "torch"  # installing the pins must never move torch (its ROCm build is the image's)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class WheelOptions:
+    lock_path: Path
+    cache_dir: Path | None
+    find_links: list[Path]
+    python: str  # the target interpreter's executable
+    force_reinstall: bool = False  # install even when the pinned version is intact
+    allow_downgrade: bool = False  # replace a newer installed version with the pinned one
+    break_system_packages: bool = False  # install into an externally managed (PEP 668) Python
+    all_wheels: bool = False  # fetch_only: every wheel of the lock, not just the target's
+    retries: int = 4
+    backoff: float = 2.0
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    def fetch_config(self, echo: Callable[[str], None]) -> FetchConfig:
+        return FetchConfig(cache_dir=self.cache_dir, find_links=list(self.find_links), retries=self.retries,
+                           backoff=self.backoff, connect_timeout=self.connect_timeout,
+                           read_timeout=self.read_timeout, progress=self.progress, echo=echo)
+
+
+def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
+                   echo: Callable[[str], None] = _quiet) -> list[dict]:
+    """Bring every pinned distribution into the target environment, or change nothing; one
+    dict per pinned package (name, pinned_version, installed_version, action, result, file,
+    sha256, url). A dry run never touches the network nor the environment: wheels already in
+    the cache (or a --find-links folder / file:// URL) are verified and checked, the others are
+    reported with the URL they would be downloaded from."""
+    cfg = opts.fetch_config(echo)
+    lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
+    if not lock.packages:
+        echo(f"{lock.path} pins no wheels; nothing to install")
+        return []
+    python = opts.python
+    names = [p.name for p in lock.packages]
+    # inspect
+    seen = probe(python, names + [GUARDED], record=names)
+    before = seen["dists"]
+    # plan
+    steps = planner.plan(lock, before, force=opts.force_reinstall)
+    for s in steps:
+        echo(planner.describe(s))
+    todo = [s for s in steps if s.changes]
+    try:
+        if not opts.allow_downgrade:
+            planner.refuse_downgrades(steps, python)
+        if todo:
+            planner.refuse_externally_managed(seen.get("externally_managed"), python,
+                                              allowed=opts.break_system_packages)
+    except M3fuseError as exc:
+        exc.payload = {"wheels": planner.as_json(steps)}  # --json shows the plan it was judged on
+        raise
+    if todo and not dry_run:
+        _warm_requests()  # while the target is asked for its tags
+    planner.choose_wheels(steps, lambda: target_tags(python), lock, python)
+    results = planner.as_json(steps)
+    by_name = {r["name"]: r for r in results}
+    # obtain (a failure raises before anything is installed)
+    files: dict[str, Path | None] = {}
+    for s in todo:
+        assert s.wheel is not None  # chosen for every step that changes something
+        files[s.package.name] = path = obtain(s.wheel, cfg, allow_network=not dry_run)
+        by_name[s.package.name]["file"] = str(path) if path else None
+    # check, still before anything is installed
+    for s in todo:
+        path = files[s.package.name]
+        if path is not None:
+            check_wheel(path, s.package, target_tags(python), python)
+    if dry_run:
+        for s in todo:
+            by_name[s.package.name]["result"] = "dry-run"
+            if files[s.package.name] is None:
+                by_name[s.package.name]["note"] = "not cached: would be downloaded and verified first"
+        return results
+    if not todo:
+        # Every pin is intact (the probe proved version and RECORD): the checks below could
+        # only repeat that probe.
+        return results
+    # install: all wheels in one pip run. pip hashes each file as it reads it (--require-hashes),
+    # so a file changed after our check is caught on the bytes actually installed.
+    batch: list[tuple[Path, str]] = []
+    for s in todo:
+        path = files[s.package.name]
+        assert path is not None and s.wheel is not None
+        batch.append((path, s.wheel.sha256))
+    echo(f"installing {len(batch)} wheel(s) with {python} -m pip: " + ", ".join(p.name for p, _ in batch))
+    try:
+        pip_install(python, batch, break_system_packages=opts.break_system_packages)
+    except PipFailed as failed:
+        if "DO NOT MATCH THE HASHES" in failed.output:
+            raise IntegrityError(
+                headline="a cached wheel changed after it was verified; pip refused it and installed nothing",
+                details=[("python", python), ("pip said", failed.output.strip().splitlines()[-1])],
+                hint="delete the wheel cache entry (or the whole --cache-dir) and run m3fuse install again") from None
+        todo_names = [s.package.name for s in todo]
+        raise _pip_failure(failed, steps, before, _state_now(python, names + [GUARDED], todo_names), python) from None
+    for s in todo:
+        by_name[s.package.name]["result"] = "installed"
+    # prove
+    after = probe(python, names + [GUARDED], record=[])["dists"]
+    wrong: list[Row] = []
+    for p in lock.packages:
+        i = after.get(p.name)
+        if i is None or state_of({**i, "problems": []}, p.version) != "ok":
+            wrong.append((p.name, f"{i['version'] if i else 'not installed'} (pinned {p.version})"))
+    if wrong:
+        raise EnvironmentProblem(
+            headline=f"after installing from {lock.path}, the target Python does not report the pinned versions",
+            details=[("python", python), *wrong],
+            hint=f"another copy may shadow them (user site-packages, PYTHONPATH); check `{python} -m pip list -v`")
+    tb = (before.get(GUARDED) or {}).get("version")
+    ta = (after.get(GUARDED) or {}).get("version")
+    if tb != ta:
+        raise EnvironmentProblem(
+            headline="installing the pinned wheels changed torch",
+            details=[("python", python), ("before", tb or "not installed"), ("after", ta or "not installed")],
+            hint="the fusion needs the environment's own torch build; reinstall it (from the image or your "
+                 "ROCm torch wheel) before using vLLM")
+    return results
+
+
+def _warm_requests() -> None:
+    """Import requests in a thread: the tag query that follows waits on a subprocess with
+    the GIL released, so a download that needs requests finds it imported (~60 ms of a cold
+    install); a wheel found in the cache only costs that idle time."""
+    import threading
+
+    threading.Thread(target=__import__, args=("requests",), name="m3fuse-import", daemon=True).start()
+
+
+def _state_now(python: str, names: list[str], record: list[str]) -> dict[str, dict | None]:
+    try:
+        return probe(python, names, record=record)["dists"]
+    except EnvironmentProblem:
+        return {}
+
+
+def _pip_failure(failed: PipFailed, steps: list[planner.Step], before: dict, after: dict,
+                 python: str) -> EnvironmentProblem:
+    """What the one pip run left behind: the wheel it failed on (the first, in pip's install
+    order, not intact at its pin afterwards: pip rolls that one back) and exactly which
+    distributions changed (those pip got through before it, and any other whose version moved)."""
+    from packaging.utils import canonicalize_name
+
+    def ver(d: dict, name: str) -> str:
+        return (d.get(name) or {}).get("version") or "not installed"
+
+    todo = [s for s in steps if s.changes]
+    by_key = {s.package.key: s for s in todo}
+    order = [by_key[k] for k in dict.fromkeys(canonicalize_name(n) for n in failed.order) if k in by_key]
+    order += [s for s in todo if s not in order]
+    failed_on = next((s for s in order if state_of(after.get(s.package.name), s.package.version) != "ok"), order[-1])
+    rows: list[Row] = [("python", python), ("failed on", failed_on.wheel.name if failed_on.wheel else failed_on.package.name),
+                       ("pip exit", str(failed.code))]
+    changed: list[Row] = []
+    if after:
+        done = order[:order.index(failed_on)]
+        for s in done:
+            was, now = ver(before, s.package.name), ver(after, s.package.name)
+            changed.append((s.package.name, f"{was} -> {now}" if was != now else f"reinstalled at {now}"))
+        listed = {s.package.name for s in done}
+        changed += [(n, f"{ver(before, n)} -> {ver(after, n)}") for n in [*(s.package.name for s in steps), GUARDED]
+                    if n not in listed and ver(before, n) != ver(after, n)]
+        rows += [("", "changed by this run:" if changed else "changed by this run: nothing")] + changed
+    else:
+        rows += [("", "changed by this run: unknown (the target could not be asked afterwards)")]
+    last = [ln for ln in failed.output.splitlines() if ln.strip()]
+    rows += [("", "pip said:"), ("last line", last[-1].strip() if last else "(no output)")]
+    return EnvironmentProblem(
+        headline=f"pip failed installing {failed_on.package.name} {failed_on.package.version}",
+        details=rows,
+        hint="fix the cause (permissions, disk space, a file in the way) and run m3fuse install again; "
+             "the verified wheels stay in the cache")
+
+
+def verify_pinned(lock_path: Path, python: str) -> list[dict]:
+    """Per pinned package: name, expected_version, installed_version, state ("ok", "missing",
+    "wrong-version", "record-mismatch"), ok, record_files, problems. Never imports requests;
+    reads the lock without packaging's PEP 751 validator (install, fetch and lock run it)."""
+    return verify_wheels(load_lock(lock_path, spec=False), python)
+
+
+def judge(results: list[dict]) -> tuple[list[str], int]:
+    """What `verify` reports for `verify_pinned` results: the failures and the exit code (0 when
+    there are none)."""
+    bad = [r for r in results if r.get("state") != "ok"]
+    failures = [f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}" for r in bad]
+    if not bad:
+        return failures, EXIT_OK
+    # Edited files of an installed wheel are an integrity failure; a missing or other-version
+    # package is an environment that was never set up.
+    return failures, EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
+
+
+def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _quiet) -> list[Path]:
+    """Fetch and verify the wheels (the target's, or all with opts.all_wheels) and place
+    copies in `dest` (for a later `--find-links dest` install). Nothing is installed."""
+    cfg = opts.fetch_config(echo)
+    lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
+    tags: tuple[str, ...] | None = None
+    if opts.all_wheels:
+        chosen = [(p, w) for p in lock.packages for w in p.wheels]
+    else:
+        steps = [planner.Step(p, None, planner.INSTALL) for p in lock.packages]
+        planner.choose_wheels(steps, lambda: target_tags(opts.python), lock, opts.python)
+        tags = target_tags(opts.python)
+        chosen = [(s.package, s.wheel) for s in steps if s.wheel is not None]
+    paths = [(p, w, obtain(w, cfg)) for p, w in chosen]
+    for p, w, path in paths:
+        assert path is not None
+        check_wheel(path, p, tags, opts.python)  # tags None (--all): every check but the tag one
+    dest = Path(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(headline="cannot create the destination folder",
+                                 details=[("folder", str(dest)), ("error", str(exc))], hint="pass a writable --dest") from None
+    out: list[Path] = []
+    for _, w, path in paths:
+        assert path is not None
+        target = dest / w.name
+        if target.is_file() and hash_file(target)[0] == w.sha256:
+            out.append(target)
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{w.name}.", suffix=".part", dir=dest)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            if hash_file(Path(tmp))[0] != w.sha256:
+                raise IntegrityError(headline="copying a verified wheel did not give the pinned bytes",
+                                     details=[("file", str(path)), ("to", str(dest)), ("expected", f"sha256 {w.sha256}")],
+                                     hint="check the destination disk")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        echo(f"{w.name} -> {target}")
+        out.append(target)
+    return out
