@@ -310,12 +310,7 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
                 overrides=[b for b in bases if "=" in b], name=name, versions=list(versions), out=dest,
                 workdir=workdir or Path.cwd() / f"m3fuse-port-{name}", base_roots=list(base_roots), edit=edit,
                 lock_timeout=lock_timeout)
-            try:
-                result = porting.port(req, echo)
-            except porting.MergeConflict as exc:
-                if as_json:
-                    return _emit_error(exc, True, {"port": exc.details})
-                raise
+            result = porting.port(req, echo)
         if as_json:
             click.echo(_dumps({"ok": True, "command": "port", **result.to_json()}))
         elif result.set_dir is None:

@@ -144,7 +144,6 @@ class MergeConflict(M3fuseError):
 
     exit_code = EXIT_CONFLICT
     kind = "merge-conflict"
-    details: dict | None = None
 
 
 class NotPatched(M3fuseError):

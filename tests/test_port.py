@@ -99,10 +99,12 @@ def test_port_reproduces_the_shipped_set_made_with_it(version, name, vllm_tree, 
     if any(t.ported_from != "vllm-0.26.0" for t in shipped.values()):
         pytest.fail(f"{name} is no longer a pure port of vllm-0.26.0; update this test's expectation")
     root = vllm_tree(version)
-    r = port("--vllm-root", str(root), "--from", "vllm-0.26.0", "--name", "again", "--out", str(out), *bases,
+    # Same name: the helper names its set (M3FUSE_SET), so the name is part of the bytes.
+    r = port("--vllm-root", str(root), "--from", "vllm-0.26.0", "--name", name, "--out", str(out), *bases,
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for t in load_patchset(out / "again").targets:
+    assert f'M3FUSE_SET = "{name}"' in (out / name / "fused_allreduce_gemma_rms_norm.py.diff").read_text()
+    for t in load_patchset(out / name).targets:
         assert (t.pristine_sha256, t.patched_sha256) == (shipped[t.path].pristine_sha256,
                                                          shipped[t.path].patched_sha256)
 
@@ -118,8 +120,9 @@ def test_conflicts_write_nothing_under_out_then_resume_finishes(vllm_tree, out, 
     merged = work / "merged" / realvllm.MODEL
     marks = [i for i, line in enumerate(merged.read_text().splitlines(), 1) if line.startswith("<<<<<<< ")]
     assert len(marks) == 2
+    assert f"{merged} (merged from vllm-0.26.0)" in r.stderr
     for line in marks:
-        assert f"{merged}:{line}: conflict" in r.stderr
+        assert f"conflict: line {line}" in r.stderr
     assert "--resume" in r.stderr and snapshot(root) == before
 
     # A half-resolved folder is refused, naming what is left.

@@ -122,16 +122,18 @@ def inspect(vllm: VllmTarget, sets: list[PatchSet]) -> TreeState:
     return tree
 
 
-def _describe_files(tree: TreeState) -> str:
-    parts = []
+def _file_rows(tree: TreeState) -> list[tuple[str, str]]:
+    """Per target file: its state, or the expected pins against what it is (pip's layout)."""
+    rows: list[tuple[str, str]] = []
     for f in tree.files:
+        rows.append(("", f.target.path))
         if f.state in (PRISTINE, PATCHED):
-            parts.append(f"{f.target.path} is {f.state}")
+            rows.append(("state", f"{f.state} (matches)"))
         else:
-            got = f.sha256 or f.state
-            parts.append(f"{f.target.path}: expected sha256 {f.target.pristine_sha256} (pristine) or "
-                         f"{f.target.patched_sha256} (patched), got {got}")
-    return "; ".join(parts)
+            rows += [("expected", f"{f.target.pristine_sha256} (pristine)"),
+                     ("or", f"{f.target.patched_sha256} (patched)"),
+                     ("got", f.sha256 or f.state)]
+    return rows
 
 
 def refuse_unless_known(tree: TreeState) -> None:
@@ -139,24 +141,30 @@ def refuse_unless_known(tree: TreeState) -> None:
     odd = [f for f in tree.files if f.state == NOT_A_FILE]
     if tree.state in (DRIFTED, UNSUPPORTED) and odd:
         raise EnvironmentProblem(
-            f"{odd[0].path}: not a regular file (a directory or a device sits where the "
-            f"{tree.patch_set.name} set expects a source file of vLLM). Nothing was changed. Something "
-            f"other than pip has rearranged this install; reinstall vLLM "
-            f"(pip install --force-reinstall --no-deps vllm=={tree.vllm.version or 'X'}) and run m3fuse again.")
+            headline=(f"{odd[0].path}: not a regular file (a directory or a device sits where the "
+                      f"{tree.patch_set.name} set expects a source file of vLLM); nothing was changed"),
+            hint=(f"something other than pip has rearranged this install; reinstall vLLM "
+                  f"(pip install --force-reinstall --no-deps vllm=={tree.vllm.version or 'X'}) and run "
+                  f"m3fuse again"))
     version = tree.vllm.version or "unknown (no vllm dist-info)"
-    supported = ", ".join(f"{s.name} (vLLM {', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
     if tree.state == DRIFTED:
         raise DriftError(
-            f"vLLM {version} at {tree.vllm.root} has drifted from patch set {tree.patch_set.name}: "
-            f"{_describe_files(tree)}. Nothing was changed. The installed files are not the release "
-            f"m3fuse knows; reinstall vLLM {version} from its wheel (pip install --force-reinstall "
-            f"--no-deps vllm=={version}) and run m3fuse again.")
+            headline=(f"vLLM {version} at {tree.vllm.root} has drifted from patch set "
+                      f"{tree.patch_set.name}; nothing was changed"),
+            details=_file_rows(tree),
+            hint=(f"the installed files are not the release m3fuse knows; reinstall vLLM {version} from "
+                  f"its wheel (pip install --force-reinstall --no-deps vllm=={version}) and run m3fuse again"))
     if tree.state == UNSUPPORTED:
-        closest = f" Closest set {tree.patch_set.name}: {_describe_files(tree)}." if tree.patch_set else ""
+        supported = ", ".join(f"{s.name} ({', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
+        rows = [("supported sets", supported)]
+        if tree.patch_set:
+            rows += [("closest set", tree.patch_set.name)] + _file_rows(tree)
         raise UnsupportedError(
-            f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its files.{closest} "
-            f"Supported sets: {supported}. Nothing was changed. Install one of those releases, or add "
-            f"a patch set for this one under patches/.")
+            headline=(f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its "
+                      f"files; nothing was changed"),
+            details=rows,
+            hint=("install one of the supported releases, or make a set for this tree with "
+                  "`m3fuse port --from SET` (docs/releases.md)"))
 
 
 def judge(tree: TreeState, expect: str) -> tuple[list[str], int]:

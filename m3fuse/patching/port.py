@@ -382,20 +382,23 @@ def port(req: PortRequest, echo: Callable[[str], None] = lambda _: None) -> Port
 
 
 def conflict_error(result: PortResult) -> MergeConflict:
-    where = []
+    rows: list[tuple[str, str]] = []
     for f in result.files:
         merged = result.workdir / "merged" / f.path if result.workdir else Path(f.path)
-        where += [f"{merged}:{line}: conflict (merged from {f.ported_from})" for line in f.conflicts]
+        if f.conflicts or f.compile_error:
+            rows.append(("", f"{merged} (merged from {f.ported_from})"))
+        rows += [("conflict", f"line {line}") for line in f.conflicts]
         if f.compile_error:
-            where.append(f"{merged}: does not compile ({f.compile_error})")
+            rows.append(("does not compile", f.compile_error))
     n = sum(len(f.conflicts) for f in result.files)
+    bad = sum(bool(f.compile_error) for f in result.files)
     err = MergeConflict(
-        f"port of {result.name} needs a hand: {n} conflict(s), "
-        f"{sum(bool(f.compile_error) for f in result.files)} file(s) that do not compile. Nothing was "
-        f"written under the patches folder.\n  " + "\n  ".join(where) +
-        f"\nhint: resolve them in {result.workdir}/merged/ (remove every conflict marker), then run "
-        f"`m3fuse port --resume {result.workdir}`.")
-    err.details = result.to_json()
+        headline=(f"port of {result.name} needs a hand: {n} conflict(s), {bad} file(s) that do not "
+                  f"compile; nothing was written under the patches folder"),
+        details=rows,
+        hint=(f"resolve them in {result.workdir}/merged/ (remove every conflict marker), then run "
+              f"`m3fuse port --resume {result.workdir}`"))
+    err.payload = {"port": result.to_json()}
     return err
 
 
@@ -444,8 +447,9 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
             problems.append(f"{merged_path}: equals the pristine file; the set would change nothing here")
         files.append(f)
     if problems:
-        raise MergeConflict(f"{workdir}: not resolved yet; nothing was written.\n  " + "\n  ".join(problems) +
-                            f"\nhint: fix these in {workdir}/merged/, then run `m3fuse port --resume {workdir}` again.")
+        raise MergeConflict(headline=f"{workdir}: not resolved yet; nothing was written",
+                            details=[("left", p) for p in problems],
+                            hint=f"fix these in {workdir}/merged/, then run `m3fuse port --resume {workdir}` again")
     result = PortResult(name, versions, files, workdir=workdir)
     result.set_dir = write_set(out, name, versions, summary, files, ported_from, lock_timeout=lock_timeout)
     return result
