@@ -851,6 +851,8 @@ def test_every_arm_env_recommends_constructs_and_runs(patched_release, aiter, mo
         aiter(out["aiter_version"])
         s = setup_from_env(env)
         assert s.mode == arm and s.aiter_enabled
+        # the fusion matrix runs each arm in this world too
+        assert fh.arm_world(fs, arm) == ({} if s.custom_ar else {"aiter_custom_ar_env": False})
         if fs.upstream_aiter_branch and arm == "off":
             assert env[CUSTOM_AR] == "0"
             with pytest.raises(RuntimeError, match="Set VLLM_ROCM_USE_AITER_CUSTOM_AR=0 as well"):
