@@ -40,8 +40,9 @@ FINAL_NORM = ("            hidden_states, _ = fused_allreduce_gemma_rms_norm(\n"
               "            )")
 CAPTURE_REDUCE = ("                    hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n"
                   "                    partial = False\n")
-PP_CLAUSE = ("        parallel_config.pipeline_parallel_size != 1\n"
-             "        or parallel_config.data_parallel_size != 1")
+# _m3_defer_blocker's PP test (every set since the run-time checks: one `if` per blocker)
+PP_CLAUSE = ("    if parallel_config.pipeline_parallel_size != 1:\n"
+             "        return f\"PP={parallel_config.pipeline_parallel_size}\"\n")
 NO_AUX = ()
 AUX = (1, 2, 4)
 
@@ -67,7 +68,7 @@ MUTANTS: list[Mutant] = [
     Mutant("gemma-offset-applied-twice", HELPER, "        use_1stage=False,\n    )",
            "        use_1stage=False,\n        gemma_norm=True,\n    )",
            ((tm.test_helper_modes_match_float64_reference, (4, None)),)),
-    Mutant("deferral-on-at-pp2", HELPER, PP_CLAUSE, "        parallel_config.data_parallel_size != 1",
+    Mutant("deferral-on-at-pp2", HELPER, PP_CLAUSE, "",
            ((tm.test_deferral_predicate, ("control", 2, 2, 1, False)),
             (tm.test_no_deferral_at_pp_or_dp_builds_reducing_layers, ({"pp": 2},)))),
     Mutant("mtp-layer-defers", MODEL, "        defer_ffn_all_reduce: bool = False,\n",
