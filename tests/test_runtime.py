@@ -873,7 +873,54 @@ def test_every_arm_env_recommends_constructs_and_runs(patched_release, aiter, mo
             fused_calls = len(b.stage.ca.calls) if b.stage.ca is not None else 0
             assert (fused_calls > 0) is (arm == "fused")  # only fused runs AITER's fused kernel
             assert not b.stage.upstream_op_calls  # vLLM's one-stage op never runs
+        # The same arm with a torch.compiled EAGLE3 draft under the AR+RMS pass (vLLM's default):
+        # env's settings leave the pass an AITER communicator in every arm but off on 0.30+
+        # (CUSTOM_AR=0), so the pinned AITER is refused there, naming the --compilation-config
+        # that works (env prints environment variables only: it cannot carry that flag).
+        drafted = replace(s, draft=EAGLE3)
+        if arm == "off" and fs.upstream_aiter_branch:
+            construct(fs, drafted, monkeypatch, helper_source=helper_src, model_source=model_src)
+        else:
+            with pytest.raises(RuntimeError, match="RocmAiterAllReduceFusionPass") as info:
+                construct(fs, drafted, monkeypatch, helper_source=helper_src, model_source=model_src)
+            (js,) = re.findall(r"--compilation-config '(\{.*?\}\})'", str(info.value))
+            assert json.loads(js) == PASS_OFF_JSON
+            construct(fs, replace(drafted, fuse_ar_rms=False), monkeypatch,
+                      helper_source=helper_src, model_source=model_src)
 
+
+# AITERs before and after gemma_norm (0.1.17, ROCm/aiter#3792) and #4346 (0.1.19.post1).
+AITER_GENERATIONS = [(PINNED, FakeAiterCA), ("0.1.17", FakeAiterCAGemma), ("0.1.18", FakeAiterCAGemma),
+                     ("0.1.19.post1", FakeAiterCAGemma)]
+
+
+@upstream_rows
+def test_env_turns_custom_ar_off_exactly_where_the_patch_refuses_off(patched_release, aiter, monkeypatch, fs):
+    """On 0.30+, for each AITER generation: `m3fuse env off` prints
+    VLLM_ROCM_USE_AITER_CUSTOM_AR=0 iff the patched model refuses off with the AITER custom
+    all-reduce on, and with env's settings it constructs."""
+    root = patched_release(fs.version)
+    dist = root / f"amd_aiter-{PINNED}.dist-info"
+    decided = {}
+    for version, ca_cls in AITER_GENERATIONS:
+        dist = dist.rename(root / f"amd_aiter-{version}.dist-info")
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: amd-aiter\nVersion: {version}\n\n")
+        r = run_cli("env", "off", "--format", "json", "--vllm-root", str(root))
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["aiter_version"] == version
+        aiter(version)
+        s = replace(setup_from_env(out["env"]), ca_cls=ca_cls)
+        try:
+            construct(fs, replace(s, custom_ar=True), monkeypatch)
+            refused = False
+        except RuntimeError as exc:
+            assert "M3_AITER_AR_RMS_MODE=off runs vLLM's unpatched helper" in str(exc)
+            refused = True
+        assert (out["env"][CUSTOM_AR] == "0") is refused, version
+        construct(fs, s, monkeypatch)
+        decided[version] = refused
+    assert decided == {PINNED: True, "0.1.17": True, "0.1.18": True, "0.1.19.post1": False}
 
 def _embeds(h: int, tokens: int = 8, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.randn(tokens, h, generator=torch.Generator().manual_seed(42)).to(dtype)
