@@ -72,7 +72,7 @@ FusionSet = Row
 SETS: list[Row] = ROWS
 SET_IDS = ROW_IDS
 
-__all__ = ["FusionSet", "SETS", "SET_IDS", "Stage", "load_helper", "load_model", "build_model",
+__all__ = ["FusionSet", "SETS", "SET_IDS", "Stage", "arm_world", "load_helper", "load_model", "build_model",
            "run_forward", "ToyConfig", "manifest", "patched_text", "pristine_text", "pristine_bytes",
            "override_source"]
 
@@ -379,6 +379,17 @@ class Stage:
             os.environ["M3_AITER_AR_RMS_MODE"] = self._saved["env"]
 
 
+def arm_world(fs: FusionSet, mode: str | None) -> dict[str, Any]:
+    """Stage settings beyond the mode that `m3fuse env MODE` prints for the pinned AITER (the
+    default stand-in's signature: `custom_fused_ar_rms` without gemma_norm): on a release whose
+    helper has vLLM's own one-stage AITER branch (0.30+), `off` comes with
+    VLLM_ROCM_USE_AITER_CUSTOM_AR=0, without which the patched model refuses `off` at
+    construction (m3_check_runtime). tests/test_runtime.py checks the two agree."""
+    if mode == "off" and fs.upstream_aiter_branch:
+        return {"aiter_custom_ar_env": False}
+    return {}
+
+
 def load_helper(fs: FusionSet, name: str = "m3_helper_under_test", source: str | None = None) -> types.ModuleType:
     """The patched helper (or `source`) as a fresh module (call inside an active Stage)."""
     text = source if source is not None else patched_text(fs, realvllm.HELPER)
@@ -681,13 +692,15 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None, *,
                  "m3_off_fallback", "m3_report_run"):
         if hasattr(helper, name):
             g[name] = getattr(helper, name)
-    compile_nodes([top_level(iface, "EagleModelMixin")], g, f"<{fs.version}>/{INTERFACES}")
+    compile_nodes([top_level(iface, "EagleModelMixin")], g, f"<{fs.version}>/{INTERFACES}",
+                  cache_key=(fs.version, INTERFACES))
     names = ["_sparse_attention_layer_ids", "_is_moe_layer", "MiniMAXGemmaRMSNorm"]
     if real_ffn:
         _ffn_globals(fs, stage, g)
         names += [n for n in ("_M3DeferredReduceMoERunner",) if _has(tree, n)] + list(FFN_CLASSES)
     names += ["MiniMaxM3DecoderLayer", "MiniMaxM3Model"]
-    compile_nodes([top_level(tree, n) for n in names], g, f"<{fs.name}>/{realvllm.MODEL}")
+    compile_nodes([top_level(tree, n) for n in names], g, f"<{fs.name}>/{realvllm.MODEL}",
+                  cache_key=(hashlib.sha256(src.encode()).hexdigest(), tuple(names)))
     return ModelWorld(classes=g, helper=helper, stage=stage, fs=fs)
 
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import threading
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -274,11 +275,20 @@ def standin_logger_module() -> types.ModuleType:
 
 
 # ----------------------------------------------------------------------------- source / ast
+# Compiled code, reused: the text (or the caller's cache key) fixes it, and copying plus
+# compiling the AST dominated each model construction in the run-time tests.
+_CODE: dict[Hashable, types.CodeType] = {}
+
+
 def module_from_source(source: str, name: str, filename: str) -> types.ModuleType:
     """Execute source text as a fresh module (stand-in vLLM modules must already be staged)."""
     module = types.ModuleType(name)
     module.__file__ = filename
-    exec(compile(source, filename, "exec"), module.__dict__)
+    key = ("module", hashlib.sha256(source.encode()).hexdigest(), filename)
+    code = _CODE.get(key)
+    if code is None:
+        code = _CODE[key] = compile(source, filename, "exec")
+    exec(code, module.__dict__)
     return module
 
 
@@ -321,20 +331,30 @@ def method_node(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
 
 def compile_nodes(nodes: list[ast.stmt], globals_: dict, filename: str, *,
                   strip_annotations: bool = True, drop_function_decorators: bool = False,
-                  fresh_namespace: bool = False) -> dict:
+                  fresh_namespace: bool = False, cache_key: Hashable | None = None) -> dict:
     """Compile top-level copies of the given nodes (the caller's tree is left as it was) and
-    return the namespace: globals_ itself, or a copy of it with `fresh_namespace`."""
-    body = []
-    for n in nodes:
-        n = copy.deepcopy(n)
-        if strip_annotations:
-            n = _StripAnnotations().visit(n)
-        if drop_function_decorators and isinstance(n, ast.FunctionDef):
-            n.decorator_list = []
-        body.append(n)
-    mod = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+    return the namespace: globals_ itself, or a copy of it with `fresh_namespace`.
+    `cache_key`: the caller vouches that this key always comes with the same nodes (e.g. the
+    source text's hash and the names); the compiled code is then reused (new objects each
+    run: only the code is shared)."""
+    key = None if cache_key is None else ("nodes", cache_key, filename, strip_annotations,
+                                          drop_function_decorators)
+    code = _CODE.get(key) if key is not None else None
+    if code is None:
+        body = []
+        for n in nodes:
+            n = copy.deepcopy(n)
+            if strip_annotations:
+                n = _StripAnnotations().visit(n)
+            if drop_function_decorators and isinstance(n, ast.FunctionDef):
+                n.decorator_list = []
+            body.append(n)
+        mod = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+        code = compile(mod, filename, "exec")
+        if key is not None:
+            _CODE[key] = code
     ns = dict(globals_) if fresh_namespace else globals_
-    exec(compile(mod, filename, "exec"), ns)
+    exec(code, ns)
     return ns
 
 

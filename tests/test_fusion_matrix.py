@@ -38,6 +38,7 @@ from fusion_harness import (
     MOE_RUNNER,
     Stage,
     ToyConfig,
+    arm_world,
     build_model,
     flashinfer_norm_modules,
     load_helper,
@@ -951,7 +952,7 @@ def _embeds(h: int, dtype=torch.bfloat16) -> torch.Tensor:
 
 def _run(fs, world, mode, aux, source=None, dtype=torch.bfloat16, **stage_kw):
     config = ToyConfig()
-    with Stage(fs, SimTP(world), mode=mode, **stage_kw) as st:
+    with Stage(fs, SimTP(world), mode=mode, **{**arm_world(fs, mode), **stage_kw}) as st:
         w = load_model(fs, st, model_source=source)
 
         def rank(r):
@@ -1017,7 +1018,7 @@ def test_patched_forward_with_the_release_ffn(fs):
     emb = _embeds(config.hidden_size)
 
     def run(mode, source=None):
-        with Stage(fs, SimTP(2), mode=mode) as st:
+        with Stage(fs, SimTP(2), mode=mode, **arm_world(fs, mode)) as st:
             w = load_model(fs, st, model_source=source, real_ffn=True)
             outs = st.tp.run(lambda r: run_forward(w, build_model(w, config), emb, fs))
         return outs, st
@@ -1134,7 +1135,7 @@ def test_shared_expert_output_is_reduced_exactly_once(fs, mode, world, stage_kw)
     g = torch.Generator().manual_seed(world)
     x = torch.randn(6, config.hidden_size, generator=g)
     residual = torch.randn(6, config.hidden_size, generator=g)
-    with Stage(fs, SimTP(world), mode=mode, **stage_kw) as st:
+    with Stage(fs, SimTP(world), mode=mode, **arm_world(fs, mode), **stage_kw) as st:
         w = load_model(fs, st, real_ffn=True)
         models = st.tp.run(lambda r: build_model(w, config, dtype=torch.float32))
         layer = [m.layers[1] for m in models]  # a MoE layer (moe_layer_freq)

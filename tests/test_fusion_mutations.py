@@ -40,6 +40,7 @@ FINAL_NORM = ("            hidden_states, _ = fused_allreduce_gemma_rms_norm(\n"
               "            )")
 CAPTURE_REDUCE = ("                    hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n"
                   "                    partial = False\n")
+# _m3_defer_blocker's PP test (every set since the run-time checks: one `if` per blocker)
 PP_CLAUSE = ("    if parallel_config.pipeline_parallel_size != 1:\n"
              "        return f\"PP={parallel_config.pipeline_parallel_size}\"\n")
 NO_AUX = ()
