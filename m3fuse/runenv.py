@@ -146,6 +146,14 @@ def has_one_stage_branch(root: Path) -> bool | None:
     return any(isinstance(n, ast.FunctionDef) and n.name == ONE_STAGE_BRANCH for n in tree.body)
 
 
+# What each fix gives, for notes that say what the installed AITER lacks.
+_FIXES = {aiter_defects.NO_GEMMA_NORM: "ROCm/aiter#3792 (gemma_norm in custom_fused_ar_rms)",
+          "ROCm/aiter#4346": "ROCm/aiter#4346 (the fused one-stage kernel's exit barrier)"}
+# The patched model's refusal of a torch.compiled draft model under vLLM's AR+RMS compile pass
+# (m3_check_runtime) cannot be answered with an environment variable: it takes this flag.
+PASS_OFF_FLAG = """--compilation-config '{"pass_config": {"fuse_allreduce_rms": false}}'"""
+
+
 def _off_needs_custom_ar_off(root: Path, aiter_version: str | None, notes: list[str]) -> bool:
     """`off` runs the unpatched helper. On 0.30.0+ its one-stage branch passes gemma_norm=True,
     which an AITER before v0.1.17 does not take (a TypeError at graph capture), and runs the fused
@@ -161,8 +169,9 @@ def _off_needs_custom_ar_off(root: Path, aiter_version: str | None, notes: list[
     hits = [d.id for d in aiter_defects.affecting(aiter_version) if d.id in aiter_defects.OFF_BLOCKERS]
     if not hits:
         return False
-    why = (f"AITER {aiter_version} has {' and '.join(hits)}" if aiter_version else
-           f"no amd-aiter dist-info found in {root}, so an AITER with {' and '.join(hits)} is assumed")
+    missing = " and ".join(_FIXES[h] for h in hits)
+    why = (f"AITER {aiter_version} predates {missing}" if aiter_version else
+           f"no amd-aiter dist-info found in {root}, so an AITER without {missing} is assumed")
     where = ("this vLLM's helper has its own one-stage AITER branch (gemma_norm=True)" if branch else
              f"{root / HELPER} cannot be parsed, so vLLM's one-stage AITER branch is assumed")
     notes.append(f"off: {CUSTOM_AR_VAR}=0 because {where} and {why}; upstream then uses vLLM's own "
@@ -211,6 +220,11 @@ def arm_env(arm: str, tree: engine.TreeState, environ: Mapping[str, str] = os.en
                              f"default.")
     if arm == OFF and CUSTOM_AR_VAR in out.env and _off_needs_custom_ar_off(root, out.aiter_version, out.notes):
         out.env[CUSTOM_AR_VAR] = "0"
+    if "ROCm/aiter#4346" in {d.id for d in aiter_defects.affecting(out.aiter_version)} and \
+            out.env.get(CUSTOM_AR_VAR) != "0":
+        out.notes.append(f"with a torch.compiled draft model (e.g. EAGLE3) this AITER (no ROCm/aiter#4346) "
+                         f"also needs `vllm serve ... {PASS_OFF_FLAG}`: the patched model refuses to start "
+                         f"without it.")
     if release.has_ray_extra:
         out.env[RAY_VAR] = _ray_value(environ, out.notes)
     else:

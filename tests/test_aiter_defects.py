@@ -150,3 +150,25 @@ def test_verify_no_wheels_stays_light(vllm_tree):
     r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True)
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
     assert aiter_defects.dist_version(root) is None
+
+
+def test_every_sets_run_time_defect_rows_agree_with_the_product_table():
+    """The patched helper cannot import m3fuse, so it carries the rows its construction-time
+    warning needs; each must be the product table's row (same defect, same first fixed version),
+    so the warning in vLLM's log and `m3fuse install`/`verify` never disagree."""
+    import ast
+
+    import realvllm
+    from conftest import REPO
+    from m3fuse.patching.hunks import apply_patch
+    from m3fuse.patching.patchset import load_all
+
+    product = {d.id: d.fixed for d in aiter_defects.DEFECTS}
+    for pset in load_all(REPO / "patches", parse=True):
+        helper = next(t for t in pset.targets if t.path == realvllm.HELPER)
+        text = apply_patch(realvllm.read_member(pset.vllm_versions[0], helper.path), helper.patch_file.read_text())
+        rows = next(ast.literal_eval(n.value) for n in ast.parse(text).body
+                    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "M3_AITER_DEFECTS")
+        assert rows, pset.name
+        for defect, fixed, _ in rows:
+            assert product.get(defect) == fixed, (pset.name, defect, fixed, product.get(defect))
