@@ -47,7 +47,7 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
 def _aiter_warnings(rep: dict[str, Any], as_json: bool) -> None:
     """The known AITER defects of the AITER that is or will be installed: on stderr, never a
     change of exit code."""
-    from .aiter_defects import describe
+    from .runtime.defects import describe
 
     if not as_json:
         for line in describe(rep):
@@ -172,7 +172,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             tree, actions = _transition(engine.PATCHED, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
             out.update(tree_json(tree))
             out["actions"] = actions
-        from . import aiter_defects
+        from .runtime import defects as aiter_defects
         vllm_version = (out.get("vllm") or {}).get("version")
         if not no_wheels:
             out["aiter"] = aiter_defects.pinned_report(lock_path or resources.default_lock(), vllm_version)
@@ -226,7 +226,7 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
             wheel_failures, wheel_code = wheels.judge(results)
             failures += wheel_failures
             code = code or wheel_code
-        from . import aiter_defects
+        from .runtime import defects as aiter_defects
         probed = next((r.get("installed_version") for r in out.get("wheels", [])
                        if r.get("name") == aiter_defects.AITER_DIST), None)
         out["aiter"] = aiter_defects.installed_report(tree.vllm.root, tree.vllm.version, probed)

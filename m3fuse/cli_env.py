@@ -1,4 +1,4 @@
-"""`m3fuse env ARM`: thin click wrapper over runenv."""
+"""`m3fuse env ARM`: thin click wrapper over m3fuse.runtime.env."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from .cli import CONTEXT, _run, _tree, target_options
 from .errors import EXIT_CODES_HELP, EXIT_OK
-from .runenv import ARMS, FORMATS, arm_env, render
+from .runtime.env import ARMS, FORMATS, arm_env, render
 
 
 @click.command("env", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)

@@ -13,8 +13,8 @@ import pytest
 from packaging.version import Version
 
 from conftest import run_cli
-from m3fuse import aiter_defects
-from m3fuse.aiter_defects import DEFECTS, affecting, dist_version, pinned_version
+from m3fuse.runtime import defects as aiter_defects
+from m3fuse.runtime.defects import DEFECTS, affecting, dist_version, pinned_version
 from m3fuse.resources import default_lock
 from wheelkit import aiter_wheel, build_wheel, lock_text
 

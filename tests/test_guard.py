@@ -160,7 +160,7 @@ def test_a_forked_child_does_not_run_the_guard_again(guard_venv, vllm_tree):
 def test_the_guard_imports_nothing_heavy(vllm_tree):
     """No torch, no vllm, no click/requests/packaging: the check itself runs in a bare process."""
     root = vllm_tree("0.26.0")
-    code = ("import sys\nfrom pathlib import Path\nimport m3fuse.guard as g\n"
+    code = ("import sys\nfrom pathlib import Path\nimport m3fuse.runtime.guard as g\n"
             f"line, ok = g.check(Path({str(root)!r}))\n"
             "heavy = sorted(m for m in ('torch', 'vllm', 'click', 'requests', 'packaging') if m in sys.modules)\n"
             "print(ok, heavy)\nprint(line)")
@@ -171,7 +171,7 @@ def test_the_guard_imports_nothing_heavy(vllm_tree):
 
 
 def test_a_failing_check_only_logs_by_default_and_refuses_under_strict(monkeypatch, caplog):
-    import m3fuse.guard as g
+    import m3fuse.runtime.guard as g
 
     def broken(root=None):
         raise OSError("patch sets unreadable")

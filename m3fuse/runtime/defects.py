@@ -173,7 +173,7 @@ def dist_version(root: Path, dist: str = AITER_DIST) -> str | None:
 
 def pinned_version(lock_path: Path, dist: str = AITER_DIST) -> str | None:
     """The version `m3fuse install` will put in, from the lock (None: the lock pins no AITER)."""
-    from .wheels.lock import load_lock
+    from ..wheels.lock import load_lock
 
     for p in load_lock(lock_path).packages:
         if p.name.replace("_", "-").lower() == dist:

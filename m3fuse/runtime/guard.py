@@ -62,10 +62,10 @@ def check(root: Path | None = None) -> tuple[str, bool]:
     patched (what `m3fuse verify` would accept)."""
     from dataclasses import replace
 
-    from . import resources
-    from .patching import engine
-    from .patching.patchset import load_all
-    from .target import from_root
+    from .. import resources
+    from ..patching import engine
+    from ..patching.patchset import load_all
+    from ..target import from_root
 
     vllm = from_root(root or vllm_root(), python=sys.executable)
     # Without the dist-info, inspect skips the comparison with vLLM's RECORD (thousands of rows,

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import aiter_defects
-from .errors import DriftError, EnvironmentProblem, NotPatched, UnsupportedError
-from .patching import engine
+from . import defects as aiter_defects
+from ..errors import DriftError, EnvironmentProblem, NotPatched, UnsupportedError
+from ..patching import engine
 
 FUSED, CONTROL, OFF = "fused", "control", "off"
 ARMS = (FUSED, CONTROL, OFF)
