@@ -53,22 +53,23 @@ class TreeState:
         return out
 
 
-def _file_state(root: Path, t: Target, cache: dict[str, tuple[str, str | None]]) -> FileState:
-    path = resolve_inside(root, t.path)
+def _file_state(root: Path, t: Target, cache: dict[str, tuple[Path, str, str | None]]) -> FileState:
+    # Sets share target paths: each file is resolved and hashed once however many sets name it.
     if t.path not in cache:
+        path = resolve_inside(root, t.path)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            cache[t.path] = (MISSING, None)
+            cache[t.path] = (path, MISSING, None)
         else:
             if not stat.S_ISREG(st.st_mode):
-                cache[t.path] = (NOT_A_FILE, None)
+                cache[t.path] = (path, NOT_A_FILE, None)
             else:
                 try:
-                    cache[t.path] = ("", sha256_file(path))
+                    cache[t.path] = (path, "", sha256_file(path))
                 except OSError as exc:
                     raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from exc
-    kind, digest = cache[t.path]
+    path, kind, digest = cache[t.path]
     if not kind:
         kind = PRISTINE if digest == t.pristine_sha256 else PATCHED if digest == t.patched_sha256 else DRIFTED
     return FileState(t, path, kind, digest)
@@ -87,7 +88,7 @@ def _summarise(files: list[FileState]) -> str:
 
 def inspect(vllm: VllmTarget, sets: list[PatchSet]) -> TreeState:
     """Read-only: fingerprint the tree against every set and pick the one it matches."""
-    cache: dict[str, tuple[str, str | None]] = {}
+    cache: dict[str, tuple[Path, str, str | None]] = {}
     per_set = [(s, [_file_state(vllm.root, t, cache) for t in s.targets]) for s in sets]
     matching = [(s, fs) for s, fs in per_set if all(f.state in (PRISTINE, PATCHED) for f in fs)]
     if len(matching) > 1 and vllm.version:
