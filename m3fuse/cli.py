@@ -112,12 +112,11 @@ def main() -> None:
     installed vLLM. Refuses any file it does not recognise byte for byte."""
 
 
-def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None, *,
-          parse_all: bool = False) -> engine.TreeState:
-    """The tree's state. Only the matching set's diffs are parsed unless `parse_all`: every
-    manifest is validated either way, and verify/status stay as fast with ten sets as with three."""
+def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None) -> engine.TreeState:
+    """The tree's state. Every manifest is validated but only the matching set's diffs are
+    parsed, so verify/status stay as fast with ten sets as with three."""
     vllm = locate(python=python, vllm_root=vllm_root)
-    sets = load_all(patches_dir or resources.patches_dir(), parse=parse_all)
+    sets = load_all(patches_dir or resources.patches_dir())
     tree = engine.inspect(vllm, sets)
     if tree.patch_set is not None:
         tree.patch_set.parse()
@@ -158,10 +157,15 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
         if no_wheels and no_patches:
             raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
         out: dict[str, Any] = {"ok": True, "command": "install"}
+        if not no_patches:
+            # Found and parsed once: every set's diffs (install refuses a malformed set), and the
+            # vLLM the wheel step must not have changed.
+            vllm = locate(python=python, vllm_root=vllm_root)
+            sets = load_all(patches_dir or resources.patches_dir(), parse=True)
         if not no_wheels and not no_patches:
             # A vLLM the patches will refuse (missing, drifted, unsupported) or a broken patch set
             # is found before the wheels change the environment, not after.
-            engine.refuse_unless_known(_tree(python, vllm_root, patches_dir, parse_all=True))
+            engine.refuse_unless_known(engine.inspect(vllm, sets))
         if not no_wheels:
             from .wheels import step as wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
@@ -169,7 +173,8 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
                                        allow_downgrade=allow_downgrade, break_system_packages=break_system_packages)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
-            tree, actions = _transition(engine.PATCHED, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
+            tree, actions = engine.converge(vllm, sets, engine.PATCHED, dry_run=dry_run, lock_timeout=lock_timeout,
+                                            echo=echo)
             out.update(tree_json(tree))
             out["actions"] = actions
         from .runtime import defects as aiter_defects
