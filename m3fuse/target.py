@@ -44,15 +44,23 @@ class VllmTarget:
     dist_info: Path | None
 
 
-def _dist_info(root: Path) -> tuple[Path | None, str | None]:
-    found = sorted(root.glob("vllm-*.dist-info"))
+def dist_info(root: Path, dist: str = "vllm") -> tuple[Path | None, str | None]:
+    """The dist-info folder of `dist` in the site-packages directory `root` and the version its
+    METADATA names (as pip wrote it): the first folder that names one, else (first folder or
+    None, None). Reads headers only; no import, no importlib.metadata."""
+    prefix = dist.replace("-", "_").lower() + "-"
+    try:
+        found = sorted(p for p in root.iterdir() if p.name.lower().startswith(prefix) and p.name.endswith(".dist-info"))
+    except OSError:
+        return None, None
     for d in found:
         try:
-            for line in (d / "METADATA").read_text(encoding="utf-8", errors="replace").splitlines():
-                if line.startswith("Version:"):
-                    return d, line.split(":", 1)[1].strip()
-                if not line.strip():
-                    break
+            with open(d / "METADATA", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Version:"):
+                        return d, line.split(":", 1)[1].strip()
+                    if not line.strip():
+                        break
         except OSError:
             continue
     return (found[0] if found else None), None
@@ -65,8 +73,8 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
             headline="there is no 'vllm' package directory here", details=[("folder", str(root))],
             hint="--vllm-root must name the directory that contains vllm/ (site-packages, or an extracted "
                  "wheel), e.g. '.venv/lib/python3.12/site-packages'")
-    dist_info, meta_version = _dist_info(root)
-    return VllmTarget(root, meta_version or version, python, dist_info)
+    info, meta_version = dist_info(root)
+    return VllmTarget(root, meta_version or version, python, info)
 
 
 def resolve_python(python: str) -> str:

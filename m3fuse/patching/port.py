@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import resources
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, UnsupportedError, UsageProblem
 from ..fingerprint import record_hashes_for, sha256_bytes
 from ..target import VllmTarget
 from . import atomic, engine, mutex, setwriter
-from .hunks import apply_diff
+from .hunks import apply_diff, split_lines
 from .patchset import PatchSet, Target, check_relative_path, load_patchset, resolve_inside
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
@@ -152,7 +153,7 @@ def read_tree(vllm: VllmTarget, sets: list[PatchSet], paths: list[str]) -> dict[
 
 # ----------------------------------------------------------------------------- base files
 def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3fuse" / "pristine"
+    return resources.cache_dir() / "pristine"
 
 
 def base_files(pset: PatchSet, targets: list[Target], *, base_roots: list[Path], cache: Path,
@@ -226,7 +227,7 @@ def merge_file(rel: str, base: bytes, ours: bytes, theirs: bytes, *, tree_label:
     import merge3  # only `port` needs it
 
     def lines(data: bytes) -> list[str]:
-        return data.decode("utf-8").splitlines(keepends=True)
+        return split_lines(data.decode("utf-8"))
 
     m = merge3.Merge3(lines(base), lines(ours), lines(theirs))
     merged = list(m.merge_lines(name_a=f"{tree_label} (pristine)", name_b=f"{set_name} (patched)",
@@ -235,7 +236,7 @@ def merge_file(rel: str, base: bytes, ours: bytes, theirs: bytes, *, tree_label:
     renamed, count = SET_NAME_LINE.subn(f'M3FUSE_SET = "{new_name}"', text)
     if count == 1:
         text = renamed
-    conflicts = [i for i, line in enumerate(text.splitlines(), 1) if line.startswith("<<<<<<< ")]
+    conflicts = [i for i, line in enumerate(split_lines(text), 1) if line.startswith("<<<<<<< ")]
     out = MergedFile(rel, set_name, ours, text.encode("utf-8"), conflicts)
     out.compile_error = _compile_error(rel, out.merged) if not conflicts else None
     return out
@@ -436,7 +437,7 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
             merged = merged_path.read_bytes()
         except OSError as exc:
             raise UsageProblem(f"{merged_path}: cannot read the resolved file ({exc.strerror}).") from exc
-        marks = [i for i, line in enumerate(merged.decode("utf-8", "replace").splitlines(), 1)
+        marks = [i for i, line in enumerate(split_lines(merged.decode("utf-8", "replace")), 1)
                  if line.startswith(MARKERS)]
         problems += [f"{merged_path}:{i}: conflict marker left" for i in marks]
         f = MergedFile(rel, base_set, pristine, merged)

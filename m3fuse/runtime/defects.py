@@ -152,23 +152,9 @@ def describe(rep: dict[str, Any]) -> list[str]:
 def dist_version(root: Path, dist: str = AITER_DIST) -> str | None:
     """Version of `dist` installed in the site-packages directory `root` (from its dist-info's
     METADATA, as pip wrote it), or None. One directory listing: `verify --no-wheels` calls it."""
-    prefix = dist.replace("-", "_").lower() + "-"
-    try:
-        names = sorted(n for n in (p.name for p in Path(root).iterdir())
-                       if n.lower().startswith(prefix) and n.endswith(".dist-info"))
-    except OSError:
-        return None
-    for name in names:
-        try:
-            with open(Path(root) / name / "METADATA", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.startswith("Version:"):
-                        return line.split(":", 1)[1].strip()
-                    if not line.strip():
-                        break
-        except OSError:
-            continue
-    return None
+    from ..target import dist_info
+
+    return dist_info(Path(root), dist)[1]
 
 
 def pinned_version(lock_path: Path, dist: str = AITER_DIST) -> str | None:

@@ -27,6 +27,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
+from .. import resources
 from ..errors import EnvironmentProblem, IntegrityError, Row
 from ..fingerprint import hash_file
 from .lock import LockedWheel
@@ -62,9 +63,7 @@ class FetchConfig:
 
 
 def default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "m3fuse"
+    return resources.cache_dir()
 
 
 def cache_path(root: Path, wheel: LockedWheel) -> Path:
