@@ -280,44 +280,63 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 @click.option("--patches", "patches_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Folder of patch sets to port from (default: the ones shipped with m3fuse).")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
-              help="Work folder for files that need a hand (default: ./m3fuse-port-NAME).")
+              help="Work folder for files that need a hand (default: m3fuse's cache, port/NAME).")
 @click.option("--base-root", "base_roots", multiple=True, type=click.Path(path_type=Path, file_okay=False),
               metavar="DIR", help="Tree(s) holding the base sets' pristine files (else: cache, then pip download).")
 @click.option("--edit", is_flag=True, help="Stop at the work folder even when the merge is clean.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), metavar="WORKDIR",
               help="Finish a set from the hand-resolved files of a work folder.")
+@click.option("--wheels", "wheel_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              metavar="DIR", help="Folder of vLLM release wheels already downloaded (DIR/vllm-X-*.whl or "
+                                  "DIR/X/vllm-X-*.whl) to read base files from instead of downloading.")
+@click.option("--refresh", is_flag=True, help="Re-derive every ported set from its bases and recorded resolutions.")
+@click.option("--record-resolutions", "record", is_flag=True,
+              help="Record each ported set's hand resolutions (<file>.resolution.diff) from the set as it is.")
+@click.option("--check", is_flag=True, help="With --refresh: write nothing, exit 4 if a set differs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @lock_options
 def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], name: str | None,
          versions: tuple[str, ...], out: Path | None, patches_dir: Path | None, workdir: Path | None,
-         base_roots: tuple[Path, ...], edit: bool, resume_dir: Path | None, as_json: bool, lock_timeout: float) -> None:
+         base_roots: tuple[Path, ...], edit: bool, resume_dir: Path | None, wheel_dirs: tuple[Path, ...],
+         refresh: bool, record: bool, check: bool, as_json: bool, lock_timeout: float) -> None:
     """Make a patch set for a vLLM tree that no set matches (three-way merge of a shipped set).
 
+    Without --from, every set is tried per file and the one with the fewest conflicts is taken.
     Never writes into the vLLM tree. A clean merge is not a reviewed set."""
     from .patching import port as porting
+    from .patching.basesource import BaseSource
 
     echo = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
 
     def body() -> int:
+        source = BaseSource(list(base_roots), list(wheel_dirs), echo=echo)
+        if refresh or record:
+            return _refresh(patches_dir or resources.patches_dir(), source, record, check, as_json, lock_timeout,
+                            others=bool(bases or name or versions or python or vllm_root or edit or resume_dir or out))
         sets = load_all(patches_dir or resources.patches_dir())
         dest = out or patches_dir or resources.patches_dir()
+        extra: dict = {}
         if resume_dir is not None:
             if bases or name or versions or python or vllm_root or edit or base_roots:
                 raise UsageProblem("--resume WORKDIR takes only --out, --patches, --json and --lock-timeout; "
                                    "the rest was decided when the work folder was written.")
             result = porting.resume(resume_dir, dest, sets, lock_timeout=lock_timeout)
         else:
+            from .patching.basechoice import port_with_bases
+
             plain = [b for b in bases if "=" not in b]
-            if len(plain) != 1 or not name:
-                raise UsageProblem("port needs exactly one --from SET (plus any FILE=SET) and --name NAME.")
+            if len(plain) > 1 or not name or (bases and not plain):
+                raise UsageProblem("port needs --name NAME and at most one --from SET (plus any FILE=SET); "
+                                   "without --from every set is tried and the nearest taken.")
             req = porting.PortRequest(
-                vllm=locate(python=python, vllm_root=vllm_root), sets=sets, base=plain[0],
+                vllm=locate(python=python, vllm_root=vllm_root), sets=sets, base=plain[0] if plain else "",
                 overrides=[b for b in bases if "=" in b], name=name, versions=list(versions), out=dest,
-                workdir=workdir or Path.cwd() / f"m3fuse-port-{name}", base_roots=list(base_roots), edit=edit,
+                workdir=workdir or resources.cache_dir() / "port" / name, base_roots=list(base_roots), edit=edit,
                 lock_timeout=lock_timeout)
-            result = porting.port(req, echo)
+            result, choice = port_with_bases(req, source, echo)
+            extra = {"base_choice": choice.to_json()} if choice else {}
         if as_json:
-            click.echo(_dumps({"ok": True, "command": "port", **result.to_json()}))
+            click.echo(_dumps({"ok": True, "command": "port", **result.to_json(), **extra}))
         elif result.set_dir is None:
             click.echo(f"port: the merge is clean; edit {result.workdir}/merged/ and run "
                        f"`m3fuse port --resume {result.workdir}` to write the set.")
@@ -326,6 +345,28 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
         return EXIT_OK
 
     _run(as_json, body)
+
+
+def _refresh(patches: Path, source: Any, record: bool, check: bool, as_json: bool, lock_timeout: float,
+             others: bool) -> int:
+    from .errors import IntegrityError
+    from .patching import lineage
+
+    if others or (record and check):
+        raise UsageProblem("--refresh / --record-resolutions take only --patches, --base-root, --wheels, "
+                           "--check (with --refresh), --json and --lock-timeout: they work on every ported set.")
+    outcomes = lineage.refresh(patches, source, record=record, check=check, lock_timeout=lock_timeout)
+    stale = [o.name for o in outcomes if o.changed]
+    if check and stale:
+        raise IntegrityError(headline="ported sets differ from what their bases and resolutions give",
+                             details=[("stale", n) for n in stale],
+                             hint=f"run `m3fuse port --refresh --patches {patches}` and review the diff")
+    if as_json:
+        click.echo(_dumps({"ok": True, "command": "port", "mode": "record" if record else "refresh",
+                           "sets": [o.to_json() for o in outcomes]}))
+    else:
+        click.echo("\n".join(lineage.describe(outcomes, record=record, check=check)))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

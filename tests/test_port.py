@@ -189,7 +189,7 @@ def test_resume_refuses_a_tampered_work_folder(vllm_tree, out, bases, tmp_path):
     assert load_patchset(out / "p").parse().name == "p"
 
 
-@pytest.mark.parametrize("case", ["matches-a-set", "unknown-set", "name-exists", "bad-name", "no-from",
+@pytest.mark.parametrize("case", ["matches-a-set", "unknown-set", "name-exists", "bad-name", "override-without-set",
                                   "missing-target", "record-differs", "override-unknown-file"])
 def test_refusals_write_nothing(case, vllm_tree, out, bases, tmp_path):
     root = vllm_tree("0.26.0" if case == "matches-a-set" else "0.28.0")
@@ -204,9 +204,8 @@ def test_refusals_write_nothing(case, vllm_tree, out, bases, tmp_path):
         words = "already exists"
     elif case == "bad-name":
         args[5], words = "../escape", "a set name is a folder name"
-    elif case == "no-from":
-        del args[2:4]
-        words = "exactly one --from"
+    elif case == "override-without-set":
+        args[3], words = HELPER_FROM_033, "at most one --from SET"
     elif case == "missing-target":
         (root / realvllm.MODEL).unlink()
         want, words = 3, "missing"
@@ -235,13 +234,15 @@ def test_base_files_come_through_pip_then_from_the_cache(vllm_tree, out, shipped
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
     r = port("--vllm-root", str(root), "--from", "vllm-0.26.0", "--name", "a", "--out", str(out), "--patches", str(shipped_bases), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert "fetching vLLM 0.26.0's wheel with pip" in r.stderr
+    # It says that it downloads, and through which pip configuration (by name, never an address).
+    assert "downloading vLLM 0.26.0's wheel" in r.stderr
+    assert "PIP_FIND_LINKS (environment)" in r.stderr and "PIP_NO_INDEX (environment)" in r.stderr
     cached = sorted(p.name for p in (tmp_path / "cache" / "m3fuse" / "pristine").iterdir())
     assert cached == sorted(t.pristine_sha256 for t in load_patchset(REPO / "patches" / "vllm-0.26.0").targets)
     shutil.rmtree(links)
     links.mkdir()  # pip would now find nothing: the second port must not need it
     r = port("--vllm-root", str(root), "--from", "vllm-0.26.0", "--name", "b", "--out", str(out), "--patches", str(shipped_bases), cwd=tmp_path, env=env)
-    assert r.returncode == 0 and "fetching" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "downloading" not in r.stderr, r.stderr
     # With neither cache nor a reachable wheel: an environment error that says what to pass.
     env["XDG_CACHE_HOME"] = str(tmp_path / "empty-cache")
     r = port("--vllm-root", str(root), "--from", "vllm-0.26.0", "--name", "c", "--out", str(out), "--patches", str(shipped_bases), cwd=tmp_path, env=env)

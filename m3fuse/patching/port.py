@@ -189,7 +189,9 @@ def _check_pin(where: Path | str, data: bytes, pin: str, pset: PatchSet) -> None
 def _from_release_wheel(pset: PatchSet, want: dict[str, str], cache: Path,
                         echo: Callable[[str], None]) -> dict[str, bytes]:
     version = pset.vllm_versions[0]
-    echo(f"port: fetching vLLM {version}'s wheel with pip for the base files of {pset.name}")
+    from .basesource import pip_config_sources
+    echo(f"port: downloading vLLM {version}'s wheel (about 300 MB) for the base files of {pset.name}, "
+         f"with {pip_config_sources()}; --base-root or --wheels DIR avoid the download")
     with tempfile.TemporaryDirectory(prefix="m3fuse-port-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--disable-pip-version-check", f"vllm=={version}", "-d", tmp]

@@ -1,0 +1,93 @@
+"""Where `port`, `port --refresh` and base choice get a set's pristine release files from.
+
+Port's own order is --base-root trees, then m3fuse's content-addressed cache, then the
+release wheel through the user's pip. A maintainer usually already holds the release wheels
+(the test suite downloads them): `--wheels DIR` reads the files out of those wheels into the
+cache first, so nothing is downloaded. Every file is accepted only under its set's pin.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..fingerprint import sha256_bytes
+from . import atomic
+from .patchset import PatchSet, Target
+
+
+def pip_config_sources() -> str:
+    """Which pip configuration a download goes through, named by file or variable only (the
+    index's address is the user's business and never printed)."""
+    env = sorted(k for k in os.environ if k.startswith("PIP_") and k != "PIP_DISABLE_PIP_VERSION_CHECK")
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), xdg / "pip" / "pip.conf",
+             Path.home() / ".pip" / "pip.conf", Path(sys.prefix) / "pip.conf"]
+    found = [str(p) for p in files if p.is_file()]
+    parts = [f"{k} (environment)" for k in env] + found
+    where = ", ".join(parts) if parts else "pip's defaults (no pip.conf, no PIP_* variable)"
+    return f"{sys.executable} -m pip download, configured by {where}"
+
+
+def _wheels_for(version: str, dirs: list[Path]) -> list[Path]:
+    # A folder of wheels, or the test cache's layout DIR/VERSION/vllm-VERSION-*.whl.
+    out: list[Path] = []
+    for d in dirs:
+        out += sorted(d.glob(f"vllm-{version}-*.whl")) + sorted(d.glob(f"{version}/vllm-{version}-*.whl"))
+    return out
+
+
+def store(cache: Path, data: bytes) -> None:
+    """Put `data` in the content-addressed cache: a file under its own sha256 is whole or absent."""
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / sha256_bytes(data)
+    if dest.is_file():
+        return
+    tmp = atomic.temp_name(dest)
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+@dataclass
+class BaseSource:
+    base_roots: list[Path] = field(default_factory=list)
+    wheel_dirs: list[Path] = field(default_factory=list)
+    cache: Path | None = None
+    echo: Callable[[str], None] = lambda _: None
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            from .port import default_cache
+            self.cache = default_cache()
+
+    def _prime(self, pset: PatchSet, targets: list[Target]) -> None:
+        assert self.cache is not None
+        want = {t.path: t.pristine_sha256 for t in targets if not (self.cache / t.pristine_sha256).is_file()}
+        for version in pset.vllm_versions:
+            for wheel in _wheels_for(version, self.wheel_dirs) if want else []:
+                try:
+                    with zipfile.ZipFile(wheel) as zf:
+                        for rel, pin in list(want.items()):
+                            try:
+                                data = zf.read(rel)
+                            except KeyError:
+                                continue
+                            if sha256_bytes(data) == pin:
+                                store(self.cache, data)
+                                del want[rel]
+                except (OSError, zipfile.BadZipFile):
+                    continue  # not a usable wheel: the next source is tried, and named if all fail
+
+    def files(self, pset: PatchSet, targets: list[Target]) -> dict[str, bytes]:
+        """Each target's pristine file as `pset` pins it."""
+        from .port import base_files
+        assert self.cache is not None
+        self._prime(pset, targets)
+        return base_files(pset, targets, base_roots=self.base_roots, cache=self.cache, echo=self.echo)
+
+    def pristine(self, pset: PatchSet, target: Target) -> bytes:
+        return self.files(pset, [target])[target.path]
