@@ -222,3 +222,70 @@ def test_a_killed_refresh_leaves_no_half_set(patches, wheels, tmp_path):
         r = refresh(patches, wheels, cache=cache)
         assert r.returncode == 0, r.stderr
         assert snapshot_sets(patches) == final, f"after a kill at {steps[n - 1]} the next refresh did not finish"
+
+
+# ============================================================== port without --from
+def choose(root: Path, sets: list[str], name: str, out: Path, wheels: Path, cache: Path) -> tuple[int, dict, str]:
+    d = out.parent / f"sets-{name}"
+    for s in sets:
+        shutil.copytree(PATCHES / s, d / s)
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "port", "--vllm-root", str(root), "--name", name,
+                        "--out", str(out), "--patches", str(d), "--wheels", str(wheels), "--json",
+                        "--workdir", str(out.parent / f"work-{name}")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    return r.returncode, json.loads(r.stdout), r.stderr
+
+
+HAND_WRITTEN = ["vllm-0.24.0", "vllm-0.26.0", "vllm-0.33.0"]
+
+
+def test_without_from_each_file_takes_the_base_with_fewest_conflicts(vllm_tree, wheels, tmp_path):
+    out = tmp_path / "out"
+    code, body, _ = choose(vllm_tree("0.30.0"), HAND_WRITTEN, "c030", out, wheels, tmp_path / "cache")
+    assert code == 6 and body["error"]["kind"] == "merge-conflict"
+    choice = body["base_choice"]
+    got = {(c["path"], c["set"]): c["conflicts"] for c in choice["candidates"]}
+    # merge3's counts (git merge-file finds 1 helper conflict from 0.24.0/0.26.0 and 6 model ones from 0.24.0)
+    assert got == {(realvllm.HELPER, "vllm-0.33.0"): 0, (realvllm.HELPER, "vllm-0.26.0"): 0,
+                   (realvllm.HELPER, "vllm-0.24.0"): 0, (realvllm.MODEL, "vllm-0.26.0"): 2,
+                   (realvllm.MODEL, "vllm-0.33.0"): 4, (realvllm.MODEL, "vllm-0.24.0"): 5}
+    # The helper's three-way tie goes to the nearest release at or below 0.30.0, which predates
+    # 0.30.0's helper generation: that is said, naming the branch it does not know.
+    assert choice["per_file"] == {realvllm.HELPER: "vllm-0.26.0", realvllm.MODEL: "vllm-0.26.0"}
+    assert choice["primary"] == "vllm-0.26.0"
+    (warning,) = choice["warnings"]
+    assert realvllm.HELPER in warning and "_can_use_aiter_fused_ar_rms" in warning and "=SET" in warning
+    assert [c["set"] for c in choice["candidates"] if c["path"] == realvllm.MODEL] == \
+        ["vllm-0.26.0", "vllm-0.33.0", "vllm-0.24.0"]  # best first
+
+
+def test_a_tie_goes_to_the_nearest_release_at_or_below(vllm_tree, wheels, tmp_path):
+    """0.28.0's helper merges cleanly from all three hand-written sets: 0.26.0 is nearest; the result is
+    the shipped vllm-0.28.0, which was made from 0.26.0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code, body, err = choose(vllm_tree("0.28.0"), HAND_WRITTEN, "vllm-0.28.0", out, wheels, tmp_path / "cache")
+    assert code == 0, err
+    assert body["base_choice"]["per_file"] == {realvllm.HELPER: "vllm-0.26.0", realvllm.MODEL: "vllm-0.26.0"}
+    ties = [c for c in body["base_choice"]["candidates"] if c["path"] == realvllm.HELPER and c["conflicts"] == 0]
+    # three clean merges: 0.26.0 (nearest at or below) over 0.24.0 (further below) and 0.33.0 (above)
+    assert [c["set"] for c in ties] == ["vllm-0.26.0", "vllm-0.24.0", "vllm-0.33.0"] and ties[0]["chosen"]
+    shipped = {t.path: t.patched_sha256 for t in load_patchset(PATCHES / "vllm-0.28.0").targets}
+    assert {t.path: t.patched_sha256 for t in load_patchset(out / "vllm-0.28.0").targets} == shipped
+
+
+def test_an_older_helper_generation_is_warned_about(vllm_tree, wheels, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    root = vllm_tree("0.34.0")
+    code, body, _ = choose(root, ["vllm-0.24.0", "vllm-0.26.0"], "old", out, wheels, tmp_path / "cache")
+    assert code == 6
+    (warning,) = body["base_choice"]["warnings"]
+    assert realvllm.HELPER in warning and "_can_use_aiter_fused_ar_rms" in warning and "vllm-0.26.0" in warning
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "port", "--vllm-root", str(root), "--name", "old2",
+                        "--out", str(out), "--patches", str(out.parent / "sets-old"), "--wheels", str(wheels),
+                        "--workdir", str(tmp_path / "w2")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 6 and "warning: " in r.stderr and "<- chosen" in r.stderr
+    assert "port: took --from vllm-0.26.0" in r.stderr
+    assert list(out.iterdir()) == []
