@@ -31,6 +31,7 @@ from collections import Counter
 import pytest
 import torch
 
+import fusion_facts
 import realvllm
 from fusion_harness import (
     INTERFACES,
@@ -134,12 +135,6 @@ def test_every_set_under_patches_has_a_row():
     assert folders == sorted(ROW_IDS)
 
 
-def _pass_config_fields(fs) -> set[str]:
-    tree = tree_of(release_bytes(fs.version, "vllm/config/compilation.py").decode())
-    pc = class_node(tree, "PassConfig")
-    return {n.target.id for n in pc.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-
-
 @functools.cache
 def _wheel_names(version: str) -> frozenset[str]:
     return release_members(version)
@@ -147,47 +142,12 @@ def _wheel_names(version: str) -> frozenset[str]:
 
 @all_rows
 def test_row_facts_match_the_release(fs):
-    """Every fact of the row, read again off the release's real files."""
+    """Every fact of the row (tests/fusion_facts.json), read again off the release's real files
+    by its function in tests/fusion_facts.py; the manifest lists the row's releases."""
     m = manifest(fs)
     assert tuple(m["vllm-versions"]) == fs.versions and m["name"] == fs.name
-    helper = pristine_text(fs, HELPER)
-    model = tree_of(pristine_text(fs, MODEL))
-    model_src = pristine_text(fs, MODEL)
-    aiter_ops = release_bytes(fs.version, "vllm/_aiter_ops.py").decode()
-    has_wrapper = "vllm/distributed/device_communicators/aiter_custom_all_reduce.py" in _wheel_names(fs.version)
-    assert fs.aiter_api == ("raw" if "def initialize_aiter_allreduce" in aiter_ops else "wrapper")
-    assert has_wrapper is (fs.aiter_api == "wrapper")
-    assert ("_can_use_aiter_fused_ar_rms" in helper) is fs.upstream_aiter_branch
-    assert ("from vllm.platforms import current_platform" in helper) is fs.upstream_aiter_branch
-    moe_init = method_node(model, "MiniMaxM3MoE", "__init__")
-    (factory_call,) = calls_named(moe_init, fs.moe_factory)
-    layer = tree_of(release_bytes(fs.version, MOE_LAYER).decode())
-    factory = next(n for n in layer.body if isinstance(n, ast.FunctionDef) and n.name == fs.moe_factory)
-    params = {a.arg for a in factory.args.args + factory.args.kwonlyargs}
-    assert ("reduce_results" in params) is (fs.moe_defer_knob == "reduce_results")
-    assert ("runner_cls" in params) or fs.moe_defer_knob != "runner_cls"
-    runner = tree_of(release_bytes(fs.version, MOE_RUNNER).decode())
-    final = method_node(runner, "MoERunner", "_maybe_reduce_final_output")
-    assert ("output_is_reduced" in [a.arg for a in final.args.args]) is fs.runner_output_is_reduced_arg
-    init_src = src(moe_init)
-    sef = ("resolved" if "fuse_shared_experts=" in src(factory_call)
-           else "helper" if "_fuse_shared_experts_enabled(config)" in init_src else None)
-    assert sef == fs.shared_expert_fusion
-    assert ("specialized_decode" in model_src) is fs.specialized_decode
-    fwd = method_node(model, "MiniMaxM3Model", "forward")
-    assert ("intermediate_tensors" in [a.arg for a in fwd.args.args]) is fs.has_pp
-    base = ["self", "config", "prefix", "cache_config", "quant_config", "force_sparse_attn", "force_moe",
-            "topk_indices_buffer"]
-    li = method_node(model, "MiniMaxM3DecoderLayer", "__init__")
-    names = [a.arg for a in li.args.args + li.args.kwonlyargs]
-    assert names[:len(base)] == base and tuple(names[len(base):]) == fs.layer_extra_args
-    assert ("enable_sp" in _pass_config_fields(fs)) is fs.pass_config_enable_sp
-    if fs.aiter_api == "wrapper":
-        wrapper = release_bytes(fs.version, "vllm/distributed/device_communicators/aiter_custom_all_reduce.py")
-        assert (b"enable_register_for_capturing" in wrapper) is fs.capture_registration_optional
-    else:
-        assert not fs.capture_registration_optional
-    assert sha(pristine_bytes(fs, MTP)) == fs.mtp_sha256
+    fresh = fusion_facts.derive_one(fusion_facts.Release(fs.name, fs.versions))
+    assert fresh == fusion_facts.load()[fs.name], "stale: run python tools/release_facts.py --write"
 
 
 @all_rows

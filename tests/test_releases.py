@@ -20,9 +20,14 @@ from conftest import REPO, run_cli, snapshot
 from m3fuse.fingerprint import read_record
 from m3fuse.patching.patchset import load_all
 
-# The releases that ship vLLM's MiniMax M3 ROCm model (../shared/reference/releases.md).
-M3_RELEASES = ["0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0",
-               "0.30.0", "0.31.0", "0.32.0", "0.33.0"]
+def _manifest_releases() -> list[str]:
+    from packaging.version import Version
+
+    return sorted((v for s in load_all(REPO / "patches") for v in s.vllm_versions), key=Version)
+
+
+# The releases the shipped sets list: adding a set adds its releases here, with no edit.
+M3_RELEASES = _manifest_releases()
 IMAGE_MODEL_SHA = "91d81f8613e32f7afbd65c289f7885c5371263f70503bd053f97880989bf7536"
 TARGETS = (realvllm.HELPER, realvllm.MODEL)
 
@@ -36,8 +41,12 @@ def set_for(version: str) -> str:
 
 
 def test_every_m3_release_has_exactly_one_set():
-    listed = [v for s in shipped_sets() for v in s.vllm_versions]
-    assert sorted(listed) == sorted(M3_RELEASES), "a release is missing, extra, or in two sets"
+    """No release is listed by two sets, and the list holds the releases that ship M3's ROCm
+    model from its first one (0.23.0 has none: test_0230_has_no_m3_and_is_refused)."""
+    assert len(M3_RELEASES) == len(set(M3_RELEASES)), "a release is listed by two sets"
+    assert M3_RELEASES[0] == "0.24.0" and len(M3_RELEASES) >= 12
+    for version in M3_RELEASES:
+        assert realvllm.read_member(version, realvllm.MODEL), version  # KeyError if the wheel has no M3 model
 
 
 def cli_json(*args: str) -> tuple[int, dict]:
