@@ -1,0 +1,82 @@
+"""docs/releases.md's "Adding release N+1" steps, run as written: the first sh block of that
+section is run by bash in a fresh copy of the repository (its own git repository) from which
+the shipped vllm-0.28.0 set was removed, with V set to 0.28.0. The steps must remake the set
+byte for byte, with its facts and README section, and stage it; nothing is downloaded (pip is
+configured with no index, and the step-1 download is the tests' own cached wheel). `make test`
+is recorded, not run (it is the whole suite)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import realvllm
+from conftest import REPO
+
+VERSION, NAME = "0.28.0", "vllm-0.28.0"
+DERIVED = ["tests/fusion_facts.json", "README.md"]
+
+
+def steps() -> str:
+    text = (REPO / "docs" / "releases.md").read_text()
+    start = text.index("\n## Adding release N+1\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def fresh_copy(dest: Path) -> Path:
+    files = git(REPO, "ls-files", "-z").split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():  # a file deleted in the worktree but not yet committed is skipped
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest, "init", "-q")
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    git(dest, "rm", "-rq", f"patches/{NAME}")
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the release")
+    return dest
+
+
+def test_the_documented_steps_remake_a_release(tmp_path):
+    block = steps()
+    assert block.startswith("V=") and "make test" in block.splitlines()[-1]
+    wheel = realvllm.wheel_path(VERSION)  # step 1's download, done the tests' way
+    wheels = realvllm.cache_root() / "vllm"
+    assert wheel.parent == wheels / VERSION
+    repo = fresh_copy(tmp_path / "repo")
+    script = re.sub(r"^V=\S+", f"V={VERSION}", block, count=1, flags=re.M).replace("/tmp/", f"{tmp_path}/")
+    make_log = tmp_path / "make.log"
+    preamble = f'''set -e
+python() {{ "{sys.executable}" "$@"; }}
+m3fuse() {{
+  if [ "$2" = --resume ] && [ ! -d "$3" ]; then echo "(the port was clean: nothing to resume)"; return 0; fi
+  "{sys.executable}" -m m3fuse "$@"
+}}
+pip() {{ ls "${{@: -1}}"/vllm-$V-*.whl > /dev/null; }}   # the wheel is in place: nothing to download
+make() {{ echo "make $*" >> "{make_log}"; }}
+git() {{ command git "$@"; }}
+'''
+    env = {**os.environ, "M3FUSE_TEST_CACHE": str(realvllm.cache_root()), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "nothing")}
+    r = subprocess.run(["bash", "-c", preamble + script], cwd=repo, capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "port: took --from" in r.stderr and "downloading" not in r.stderr
+    shipped = {p.name: p.read_bytes() for p in (REPO / "patches" / NAME).iterdir()}
+    assert {p.name: p.read_bytes() for p in (repo / "patches" / NAME).iterdir()} == shipped
+    for rel in DERIVED:
+        assert (repo / rel).read_bytes() == (REPO / rel).read_bytes(), rel
+    staged = git(repo, "diff", "--cached", "--name-only")
+    assert f"patches/{NAME}/manifest.toml" in staged
+    assert not git(repo, "status", "--porcelain", "--untracked-files=all", "patches"), "the new set is not staged"
+    assert make_log.read_text() == "make test\n"
