@@ -40,6 +40,8 @@ from .patchset import PatchSet, Target, check_relative_path, load_patchset, reso
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 # The patched helper names its set in exactly one line of this form; a ported set names itself.
 SET_NAME_LINE = re.compile(r'^M3FUSE_SET = "[^"\n]*"$', re.MULTILINE)
+# A port of a ported set says where it was ported once, not once per generation.
+PORTED_NOTE = re.compile(r" \(ported with m3fuse port onto vLLM [^)]*\)$")
 MARKERS = ("<<<<<<< ", "||||||| ", "=======", ">>>>>>> ")
 STAGE_MARK = ".port-"
 WORK_FILE = "port.json"
@@ -372,7 +374,7 @@ def port(req: PortRequest, echo: Callable[[str], None] = lambda _: None) -> Port
                                 set_name=pset.name, new_name=req.name))
     result = PortResult(req.name, versions, files)
     ported_from = primary.name
-    summary = f"{primary.summary} (ported with m3fuse port onto vLLM {', '.join(versions)})"
+    summary = f"{PORTED_NOTE.sub('', primary.summary)} (ported with m3fuse port onto vLLM {', '.join(versions)})"
     # write: the set when every file is clean, else the work folder
     if req.edit or not all(f.clean for f in files):
         result.workdir = write_workdir(req.workdir, result, summary, ported_from, req.vllm)
