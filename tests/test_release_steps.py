@@ -43,7 +43,9 @@ def fresh_copy(dest: Path) -> Path:
     git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
     git(dest, "rm", "-rq", f"patches/{NAME}")
-    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the release")
+    # The derived files as they were before the release: without its row and README lines.
+    subprocess.run([sys.executable, "tools/release_facts.py", "--write"], cwd=dest, check=True, capture_output=True)
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "before the release")
     return dest
 
 
@@ -87,7 +89,9 @@ git() {{ command git "$@"; }}
     assert r.returncode == 0, r.stderr  # the remade set is its base plus its (empty) resolutions
     for rel in DERIVED:
         assert (repo / rel).read_bytes() == (REPO / rel).read_bytes(), rel
-    staged = git(repo, "diff", "--cached", "--name-only")
-    assert f"patches/{NAME}/manifest.toml" in staged
-    assert not git(repo, "status", "--porcelain", "--untracked-files=all", "patches"), "the new set is not staged"
+    staged = git(repo, "diff", "--cached", "--name-only").split()
+    assert f"patches/{NAME}/manifest.toml" in staged and set(DERIVED) <= set(staged), staged
+    status = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    unstaged = [ln for ln in status if ln.startswith("??") or ln[1] != " "]
+    assert not unstaged, f"left unstaged by the steps: {unstaged}"
     assert make_log.read_text() == "make test\n"
