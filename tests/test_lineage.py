@@ -204,11 +204,13 @@ def test_a_killed_refresh_leaves_no_half_set(patches, wheels, tmp_path):
     old_sets = {n: snapshot_sets(start / n) for n in ported(start)}
     new_sets = {n: snapshot_sets(patches / n) for n in ported(patches)}
     assert all(old_sets[n] != new_sets[n] for n in old_sets)
-    assert sum(s.startswith("refresh-swap") for s in steps) == len(old_sets)
+    assert sum(s.startswith("refresh-swap ") for s in steps) == len(old_sets)
     # Every step of the first set's write, and the last step of every later set's.
     first_swap = next(i for i, s in enumerate(steps) if s.startswith("refresh-swap"))
-    points = list(range(1, first_swap + 3)) + [i + 1 for i, s in enumerate(steps) if s.startswith("refresh-swap")]
-    for n in sorted(set(p for p in points if p <= len(steps))):
+    points = list(range(1, first_swap + 4)) + [i + 1 for i, s in enumerate(steps) if s.startswith("refresh-swap ")]
+    points = sorted(set(p for p in points if p <= len(steps)))
+    assert any(steps[p - 1].startswith("refresh-swapped") for p in points)  # old set under a stage name
+    for n in points:
         shutil.rmtree(patches)
         shutil.copytree(start, patches)
         klog = tmp_path / f"kill-{n}.log"
@@ -289,3 +291,11 @@ def test_an_older_helper_generation_is_warned_about(vllm_tree, wheels, tmp_path)
     assert r.returncode == 6 and "warning: " in r.stderr and "<- chosen" in r.stderr
     assert "port: took --from vllm-0.26.0" in r.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [["--from", "vllm-0.26.0"], ["--name", "x"], ["--check", "--record-resolutions"]])
+def test_refresh_takes_no_port_arguments(extra, patches, wheels):
+    before = snapshot_sets(patches)
+    r = refresh(patches, wheels, *extra)
+    assert r.returncode == 2 and "work on every ported set" in r.stderr, r.stderr
+    assert snapshot_sets(patches) == before

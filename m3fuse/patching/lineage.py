@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
-from . import mutex, setwriter
+from . import atomic, mutex, setwriter
 from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
 from .patchset import MANIFEST, PatchSet, Target, load_all, load_patchset
@@ -204,7 +204,6 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
     the new one, plus at most a stage folder that the next run removes."""
     new = folder.parent / f".{folder.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}-new"
     _write_folder(new, files, prove)
-    from . import atomic
     atomic._checkpoint(f"refresh-swap {folder.name}")
     if not _exchange(new, folder):
         # No atomic exchange here: the old folder steps aside under a stage name first, so
@@ -214,6 +213,7 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
         os.rename(new, folder)
         new = old
     atomic._fsync_dir(folder.parent)
+    atomic._checkpoint(f"refresh-swapped {folder.name}")  # the old set now sits under the stage name
     shutil.rmtree(new, ignore_errors=True)
 
 
