@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..errors import IntegrityError, MergeConflict, PatchSetError
+from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
 from . import atomic, mutex, setwriter
 from .basesource import BaseSource
@@ -187,15 +187,18 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()}
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE)."""
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE, glibc 2.28+)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
-        return False
+        raise EnvironmentProblem(f"{b}: this system's C library has no renameat2, which a refresh needs to "
+                                 f"swap a set in whole; nothing was changed. Refresh on Linux (glibc 2.28+).") from None
     at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise EnvironmentProblem(f"{b}: cannot swap the refreshed set in ({os.strerror(err)}); the set is "
+                                 f"unchanged.")
 
 
 def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], None]) -> None:
@@ -205,13 +208,11 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
     new = folder.parent / f".{folder.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}-new"
     _write_folder(new, files, prove)
     atomic._checkpoint(f"refresh-swap {folder.name}")
-    if not _exchange(new, folder):
-        # No atomic exchange here: the old folder steps aside under a stage name first, so
-        # a kill between the two renames leaves the set absent, never half written.
-        old = folder.parent / f".{folder.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}-old"
-        os.rename(folder, old)
-        os.rename(new, folder)
-        new = old
+    try:
+        _exchange(new, folder)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     atomic._fsync_dir(folder.parent)
     atomic._checkpoint(f"refresh-swapped {folder.name}")  # the old set now sits under the stage name
     shutil.rmtree(new, ignore_errors=True)
