@@ -310,6 +310,8 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
 
     def body() -> int:
         source = BaseSource(list(base_roots), list(wheel_dirs), echo=echo)
+        if check and not refresh:
+            raise UsageProblem("--check goes with --refresh: it re-derives every ported set and writes nothing.")
         if refresh or record:
             return _refresh(patches_dir or resources.patches_dir(), source, record, check, as_json, lock_timeout,
                             others=bool(bases or name or versions or python or vllm_root or edit or resume_dir or out))
