@@ -18,7 +18,6 @@ import pytest
 
 import realvllm
 from conftest import REPO
-from m3fuse.fingerprint import sha256_bytes
 from m3fuse.patching import setwriter
 from m3fuse.patching.hunks import apply_patch
 from m3fuse.patching.patchset import load_all, load_patchset
