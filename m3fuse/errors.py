@@ -27,6 +27,7 @@ EXIT_DRIFT = 3
 EXIT_INTEGRITY = 4
 EXIT_ENVIRONMENT = 5
 EXIT_CONFLICT = 6
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C; SIGTERM gives it too
 
 EXIT_CODES_HELP = """\
 \b
@@ -35,8 +36,11 @@ Exit codes:
   2  usage error (bad option, bad value)
   3  source drift or unsupported vLLM (files match no known fingerprint)
   4  artifact integrity failure (hash or size mismatch of a download or wheel, bad wheel)
-  5  environment problem (vLLM not found, lock busy, permission denied, pip failed)
-  6  `port` needs a hand: merge conflicts (or a merged file that does not compile)"""
+  5  environment problem (vLLM not found, lock busy, permission denied, pip failed, the
+     release needs a newer AITER than the lock pins and none is installed)
+  6  `port` needs a hand: merge conflicts (or a merged file that does not compile)
+  130 interrupted (SIGINT or SIGTERM): a write in progress is finished first; one line
+      names the tree's state and the command that finishes or undoes the job"""
 
 
 class M3fuseError(Exception):
@@ -118,6 +122,13 @@ class IntegrityError(M3fuseError):
     kind = "integrity"
 
 
+class RedirectRefused(IntegrityError):
+    """A server redirected a download to a URL the lock's URL policy refuses (a host or scheme
+    the lock could not pin, or out of http(s)); nothing was downloaded."""
+
+    kind = "redirect-refused"
+
+
 class EnvironmentProblem(M3fuseError):
     exit_code = EXIT_ENVIRONMENT
     kind = "environment"
@@ -129,10 +140,27 @@ class DowngradeRefused(EnvironmentProblem):
     kind = "downgrade"
 
 
+class AiterNeedsUnmet(EnvironmentProblem):
+    """The vLLM release needs more of AITER (modules, APIs, a version) than the pinned build
+    has, and no installed build has it; refused before any download (exit 5: the environment
+    cannot be set up from this lock)."""
+
+    kind = "aiter-needs-unmet"
+
+
 class ExternallyManaged(EnvironmentProblem):
     """The target Python is marked externally managed (PEP 668) and no override was given."""
 
     kind = "externally-managed"
+
+
+class UnsafePath(EnvironmentProblem):
+    """A file or folder m3fuse would read or write through is not what it must be: a FIFO, a
+    device or a symlink where a regular file belongs, a directory swapped for a symlink, a
+    cache or work folder another user can write, a file past its size limit. Refused before
+    anything is written (docs/reliability.md, threat model)."""
+
+    kind = "unsafe-path"
 
 
 class LockBusy(EnvironmentProblem):
@@ -152,3 +180,10 @@ class NotPatched(M3fuseError):
 
     exit_code = EXIT_DRIFT
     kind = "not-patched"
+
+
+class Interrupted(M3fuseError):
+    """SIGINT or SIGTERM stopped the run (after the write in progress, if any, was finished)."""
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"

@@ -1,4 +1,4 @@
-"""Content fingerprints: sha256 of files, the wheel RECORD's own hashes, and bytecode staleness."""
+"""Content fingerprints: sha256 of files, the wheel RECORD's own hashes, and the bytecode files of a source."""
 
 from __future__ import annotations
 
@@ -7,33 +7,23 @@ import csv
 import hashlib
 import io
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
-_CHUNK = 1 << 20
-
+from . import safeio
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path, limit: int | None = None) -> tuple[str, int]:
     """sha256 hex and size of the bytes actually read: the size is of what was hashed, so a
-    file that changes under us cannot pair one file's digest with another's length."""
-    h = hashlib.sha256()
-    n = 0
-    buf = bytearray(_CHUNK)  # one buffer read into again and again: no new bytes object per chunk
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while k := f.readinto(buf):
-            h.update(view[:k])
-            n += k
-    return h.hexdigest(), n
+    file that changes under us cannot pair one file's digest with another's length. Regular
+    files only (safeio.NotRegular for a FIFO or a device), at most `limit` bytes."""
+    return safeio.hash_regular(path, limit)
 
 
 def sha256_file(path: Path) -> str:
-    return hash_file(path)[0]
+    return hash_file(path, safeio.MAX_SOURCE)[0]
 
 
 def is_sha256_hex(value: object) -> bool:
@@ -51,15 +41,27 @@ def record_digest_to_hex(value: str) -> str | None:
         return None
 
 
+def _record_text(dist_info: Path) -> str | None:
+    """The RECORD's text: a regular file of bounded size, else None (as if it were absent)."""
+    try:
+        return safeio.read_regular(dist_info / "RECORD", safeio.MAX_RECORD).decode("utf-8")
+    except (OSError, safeio.Unsafe, UnicodeDecodeError):
+        return None
+
+
+def record_path_ok(rel: str) -> bool:
+    """A RECORD row m3fuse may follow: relative, inside site-packages (no '..')."""
+    return bool(rel) and not rel.startswith("/") and ".." not in rel.replace("\\", "/").split("/")
+
+
 def read_record(dist_info: Path) -> dict[str, str]:
     """Map each RECORD path to its sha256 hex; files without a hash are left out."""
-    try:
-        text = (dist_info / "RECORD").read_text(encoding="utf-8")
-    except OSError:
+    text = _record_text(dist_info)
+    if text is None:
         return {}
     out: dict[str, str] = {}
     for row in csv.reader(io.StringIO(text)):
-        if len(row) >= 2 and row[1]:
+        if len(row) >= 2 and row[1] and record_path_ok(row[0]):
             digest = record_digest_to_hex(row[1])
             if digest:
                 out[row[0]] = digest
@@ -70,9 +72,8 @@ def record_hashes_for(dist_info: Path, paths: set[str]) -> dict[str, str] | None
     """read_record(dist_info) restricted to `paths`, or None where read_record would give {}
     (no RECORD, or no hashed row in it). vLLM's RECORD has thousands of rows and `verify`
     needs a few: only those are decoded."""
-    try:
-        text = (dist_info / "RECORD").read_text(encoding="utf-8")
-    except OSError:
+    text = _record_text(dist_info)
+    if text is None:
         return None
     out: dict[str, str] = {}
     any_hashed = False
@@ -89,73 +90,43 @@ def record_hashes_for(dist_info: Path, paths: set[str]) -> dict[str, str] | None
     return out if any_hashed else None
 
 
-@dataclass(frozen=True)
-class StaleBytecode:
-    path: Path
-    reason: str
+PYCACHE = "__pycache__"
+
+
+def _pyc_names(source: Path, names: list[str]) -> list[str]:
+    stem = source.stem + "."
+    return sorted(n for n in names if n.startswith(stem) and n.endswith(".pyc") and n[len(stem):].count(".") >= 1)
 
 
 def bytecode_files(source: Path) -> list[Path]:
     """Every cached bytecode file that belongs to `source`, for any interpreter tag
-    (`<stem>.<tag>[.opt-N].pyc`; `<stem>.pyc` alone is not Python's cache layout)."""
-    stem = source.stem + "."
+    (`<stem>.<tag>[.opt-N].pyc`; `<stem>.pyc` alone is not Python's cache layout). A
+    `__pycache__` that is a symlink is not looked into (it is not the tree's own)."""
     try:
-        names = sorted(p for p in (source.parent / "__pycache__").iterdir())
-    except OSError:
+        with safeio.walk_down(source.parent, [PYCACHE]) as fd:
+            names = os.listdir(fd)
+    except (OSError, safeio.Unsafe):
         return []
-    return [p for p in names if p.name.startswith(stem) and p.suffix == ".pyc" and p.name[len(stem):].count(".") >= 1]
+    return [source.parent / PYCACHE / n for n in _pyc_names(source, names)]
 
 
-def stale_bytecode(source: Path) -> list[StaleBytecode]:
-    """Bytecode an interpreter would load instead of recompiling `source`, although it was not
-    compiled from the current text.
-
-    Only hash-based pycs can be proven stale; a timestamp pyc whose recorded mtime and size
-    equal the source's is trusted by Python, and so is reported when its mtime predates the
-    source's current inode change (m3fuse replaces files, so a pyc that old is from before).
-    """
-    import importlib.util
-
+def remove_bytecode(source: Path, dir_fd: int | None = None) -> list[Path]:
+    """Unlink `source`'s bytecode files. `dir_fd` (a descriptor of source's directory, opened
+    by the caller without following symlinks) pins the directory; `__pycache__` is opened
+    below it without following a symlink (safeio.Escapes if it is one), and each file is
+    unlinked relative to that descriptor, so nothing outside the tree can be removed."""
+    own = dir_fd is None
+    parent_fd = safeio.open_root(source.parent) if own else dir_fd
     try:
-        data = source.read_bytes()
-        st = source.stat()
-    except OSError:
-        return []
-    out: list[StaleBytecode] = []
-    for pyc in bytecode_files(source):
         try:
-            with open(pyc, "rb") as f:
-                header = f.read(16)
-        except OSError:
-            continue
-        if len(header) < 16:
-            continue
-        if header[:4] != importlib.util.MAGIC_NUMBER:
-            # Another interpreter's bytecode: its hash key differs, so it cannot be judged
-            # here; m3fuse removes such files whenever it writes the source.
-            continue
-        flags = struct.unpack("<I", header[4:8])[0]
-        if flags & 0b1:
-            checked = bool(flags & 0b10)
-            if header[8:16] != importlib.util.source_hash(data) and not checked:
-                out.append(StaleBytecode(pyc, "unchecked hash-based .pyc compiled from other source text; "
-                                              "Python will run it without looking at the source"))
-        else:
-            mtime, size = struct.unpack("<II", header[8:16])
-            if mtime == (int(st.st_mtime) & 0xFFFFFFFF) and size == (st.st_size & 0xFFFFFFFF):
-                pyc_st = pyc.stat()
-                if pyc_st.st_mtime_ns < st.st_ctime_ns - 1_000_000_000:
-                    out.append(StaleBytecode(pyc, "timestamp .pyc whose recorded mtime and size equal the "
-                                                  "source's but which is older than the source file itself"))
-    return out
-
-
-def remove_bytecode(source: Path) -> list[Path]:
-    removed = []
-    for pyc in bytecode_files(source):
-        try:
-            os.unlink(pyc)
-            removed.append(pyc)
+            fd = safeio.open_dir_at(parent_fd, PYCACHE, shown=source.parent / PYCACHE)
         except FileNotFoundError:
-            pass
-    return removed
+            return []
+        try:
+            return [source.parent / PYCACHE / n for n in _pyc_names(source, os.listdir(fd))
+                    if safeio.unlink_at(fd, n)]
+        finally:
+            os.close(fd)
+    finally:
+        if own:
+            os.close(parent_fd)

@@ -13,7 +13,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import safeio
 from .errors import EnvironmentProblem
+
+HEADERS_MAX = 1 << 20  # a METADATA's headers, a pyvenv.cfg, a .pth file: far smaller in practice
+
+
+def read_pth(path: Path) -> str:
+    """A .pth (or similar small text file) of the target environment: a regular file only,
+    bounded (a FIFO planted there must not block m3fuse)."""
+    return safeio.read_regular(path, HEADERS_MAX).decode("utf-8", "replace")
 
 # Runs inside the target interpreter. find_spec on a top-level package locates it without
 # executing its __init__; the dist-info next to it gives the version cheaply.
@@ -55,14 +64,15 @@ def dist_info(root: Path, dist: str = "vllm") -> tuple[Path | None, str | None]:
         return None, None
     for d in found:
         try:
-            with open(d / "METADATA", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.startswith("Version:"):
-                        return d, line.split(":", 1)[1].strip()
-                    if not line.strip():
-                        break
-        except OSError:
+            # The headers come first; a FIFO or device planted as METADATA is never read.
+            head = safeio.read_head(d / "METADATA", HEADERS_MAX).decode("utf-8", "replace")
+        except (OSError, safeio.Unsafe):
             continue
+        for line in head.splitlines():
+            if line.startswith("Version:"):
+                return d, line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
     return (found[0] if found else None), None
 
 
@@ -97,8 +107,8 @@ def venv_site(exe: str) -> Path | None:
     if root is None:
         return None
     try:
-        cfg = (root / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        cfg = safeio.read_regular(root / "pyvenv.cfg", HEADERS_MAX).decode("utf-8", "replace")
+    except (OSError, safeio.Unsafe):
         return None
     for line in cfg.splitlines():
         key, _, value = line.partition("=")
@@ -116,9 +126,9 @@ def _from_disk(exe: str) -> VllmTarget | None:
         return None  # importlib.metadata's choice among several is not ours to guess
     for pth in site.glob("*.pth"):
         try:
-            if "vllm" in pth.read_text(encoding="utf-8", errors="replace").lower():
+            if "vllm" in read_pth(pth).lower():
                 return None  # an editable install or a path hook: only the interpreter knows
-        except OSError:
+        except (OSError, safeio.Unsafe):
             return None
     return from_root(site, python=exe)
 

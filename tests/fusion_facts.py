@@ -34,6 +34,10 @@ AITER_WRAPPER = "vllm/distributed/device_communicators/aiter_custom_all_reduce.p
 MOE_LAYER = "vllm/model_executor/layers/fused_moe/layer.py"
 MOE_RUNNER = "vllm/model_executor/layers/fused_moe/runner/moe_runner.py"
 COMPILATION = "vllm/config/compilation.py"
+CUDA_COMMUNICATOR = "vllm/distributed/device_communicators/cuda_communicator.py"
+FIRST_M3_RELEASE = "0.24.0"
+# Config fields a layer plan may read that 0.24.0's (moe_layer_freq, sparse_attention_config) did not.
+LAYER_PLAN_FIELDS = frozenset({"layer_types", "mlp_layer_types"})
 # MiniMaxM3DecoderLayer.__init__'s parameters in 0.24.0; later ones are `layer_extra_args`.
 LAYER_BASE_ARGS = ["self", "config", "prefix", "cache_config", "quant_config", "force_sparse_attn", "force_moe",
                    "topk_indices_buffer"]
@@ -224,6 +228,92 @@ def capture_registration_optional(r: Release) -> bool:
 @fact
 def mtp_sha256(r: Release) -> str:
     return hashlib.sha256(r.bytes(MTP)).hexdigest()
+
+
+@fact
+def mono_decode(r: Release) -> bool:
+    """The model builds the mono decode path (`VLLM_ROCM_MINIMAX_M3_MONO=1`, amd/mono/; 0.34+):
+    its runner hands a dense layer's output to kernels that take it as reduced."""
+    init = _method(r.tree(MODEL), "MiniMaxM3Model", "__init__")
+    return any(isinstance(n, ast.Attribute) and n.attr == "MONO_ENABLE" and isinstance(n.value, ast.Name)
+               and n.value.id == "mono_envs" for n in ast.walk(init))
+
+
+@fact
+def mxfp8_norms(r: Release) -> bool:
+    """The decoder layer has the MXFP8 norm branches and the helper defines
+    `allreduce_gemma_rms_norm_mxfp8` (0.34+, gfx950 + MXFP8 checkpoints). One without the other
+    is a design the matrix does not know."""
+    helper = "allreduce_gemma_rms_norm_mxfp8" in _top_level_names(r.tree(HELPER))
+    init = _method(r.tree(MODEL), "MiniMaxM3DecoderLayer", "__init__")
+    assigned = {ast.unparse(t) for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets}
+    layer = {"self.fuse_input_norm_mxfp8", "self.fuse_post_norm_mxfp8"} <= assigned
+    return _one_design(("the helper defines allreduce_gemma_rms_norm_mxfp8", helper),
+                       ("the decoder layer sets fuse_input/post_norm_mxfp8", layer))
+
+
+@fact
+def pp_aux_hidden_states(r: Release) -> bool:
+    """MiniMaxM3Model hands EAGLE3 captures across PP stages (`supports_aux_hidden_states_over_pp
+    = True`, `pack_local_aux_hidden_states` in forward; 0.34+)."""
+    cls = _class(r.tree(MODEL), "MiniMaxM3Model")
+    declares = any(ast.unparse(n) == "supports_aux_hidden_states_over_pp = True" for n in cls.body)
+    packs = "pack_local_aux_hidden_states" in _calls(_method(r.tree(MODEL), "MiniMaxM3Model", "forward"))
+    return _one_design(("MiniMaxM3Model sets supports_aux_hidden_states_over_pp = True", declares),
+                       ("its forward calls pack_local_aux_hidden_states", packs))
+
+
+@fact
+def aiter_all_gather(r: Release) -> bool:
+    """The TP device communicator sends all-gathers (the logits, every step) to AITER's
+    `all_gather_unreg` (0.34+), so ROCm/aiter#4082 is in the set's defect table."""
+    return "all_gather_unreg" in _calls(r.tree(CUDA_COMMUNICATOR))
+
+
+@fact
+def attn_input(r: Release) -> str:
+    """The name the decoder layer's forward gives the normed attention input (`hidden_states`
+    up to 0.33.0, `attn_input` from 0.34.0)."""
+    fwd = _method(r.tree(MODEL), "MiniMaxM3DecoderLayer", "forward")
+    calls = [n for n in ast.walk(fwd) if isinstance(n, ast.Call) and ast.unparse(n.func) == "self.self_attn"]
+    values = [k.value for c in calls for k in c.keywords if k.arg == "hidden_states"]
+    if len(calls) != 1 or len(values) != 1 or not isinstance(values[0], ast.Name):
+        raise FactError(f"expected one self.self_attn(hidden_states=NAME) call, found {len(calls)} call(s)")
+    return values[0].id
+
+
+@fact
+def config_fields(r: Release) -> list[str]:
+    """hf config fields the release's layer plan reads beyond 0.24.0's design (the harness's
+    ToyConfig must have them)."""
+    from fusion_harness import release_model_names
+
+    return sorted(release_model_names(r.version)[1] & LAYER_PLAN_FIELDS)
+
+
+@fact
+def model_standins(r: Release) -> list[str]:
+    """Names the harness runs of the release's model that need a behaving stand-in: those
+    tests/fusion_harness.py's EXTRA_STANDINS answers, and those the release's own helper newly
+    defines (beyond 0.24.0's). A name the model needs that neither covers fails every model test
+    with one HarnessGap naming it."""
+    from fusion_harness import EXTRA_STANDINS, release_model_names
+
+    free = release_model_names(r.version)[0]
+    first = Release(r.name, (FIRST_M3_RELEASE,))
+    new_in_helper = _top_level_names(r.tree(HELPER)) - _top_level_names(first.tree(HELPER))
+    return sorted(free & (set(EXTRA_STANDINS) | new_in_helper))
+
+
+def _one_design(a: tuple[str, bool], b: tuple[str, bool]) -> bool:
+    """Two signs of one design, which a release has both or neither of; else a FactError."""
+    if a[1] is not b[1]:
+        raise FactError(f"{a[0]}: {a[1]}, but {b[0]}: {b[1]}")
+    return a[1]
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
 # ----------------------------------------------------------------------------- derive, load

@@ -251,6 +251,9 @@ class Stage:
     sp_moe: bool = False  # parallel_config.use_sequence_parallel_moe
     specialized_decode_config: Any = None  # 0.33.0: specialized_decode_config(vllm_config)
     fuse_shared_experts: bool = False  # VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS
+    mono: bool = False  # VLLM_ROCM_MINIMAX_M3_MONO=1 (rows with mono_decode)
+    mxfp8: bool = False  # gfx950 + MXFP8 checkpoint: the layers take the MXFP8 norm branches
+    mxfp8_calls: list = field(default_factory=list)  # (rank 0) which MXFP8 norm ran, with a partial?
     moe_kernel_reduces: bool = False  # the MoE kernel's output_is_reduced()
     # vLLM's op as in _aiter_ops.py:1191-1269 (calls the wrapper's AITER custom_fused_ar_rms with
     # gemma_norm=) instead of the math stand-in (tests/test_runtime.py).
@@ -281,7 +284,7 @@ class Stage:
     def vllm_config(self) -> types.SimpleNamespace:
         pc = types.SimpleNamespace(tensor_parallel_size=self.tp.world, pipeline_parallel_size=self.pp,
                                    data_parallel_size=self.dp, use_sequence_parallel_moe=self.sp_moe,
-                                   enable_expert_parallel=False)
+                                   enable_expert_parallel=False, enable_eplb=False)
         pass_config = types.SimpleNamespace()
         if self.fs.pass_config_enable_sp:
             pass_config.enable_sp = self.enable_sp
@@ -421,6 +424,29 @@ class ToyConfig:
     swiglu_beta: float = 1.0
     swiglu_limit: float = 7.0
 
+    # The same layer plan in the spelling of releases that name it per layer (0.34.0's
+    # `config_fields`: `layer_types`, `mlp_layer_types`).
+    @property
+    def layer_types(self) -> list[str]:
+        return ["full_attention"] * self.num_hidden_layers
+
+    @property
+    def mlp_layer_types(self) -> list[str]:
+        return ["sparse" if f else "dense" for f in self.moe_layer_freq]
+
+
+class HarnessGap(RuntimeError):
+    """The fusion harness cannot stand in for a row's release: one message naming what is
+    missing (a stand-in, a config field), instead of a failure per test."""
+
+
+def harness_gap(fs: FusionSet, what: str) -> HarnessGap:
+    return HarnessGap(
+        f"tests/fusion_harness.py cannot stand in for {fs.name} (vLLM {fs.version}): {what}. "
+        "Add the stand-in to EXTRA_STANDINS (or the field to ToyConfig and LAYER_PLAN_FIELDS in "
+        "tests/fusion_facts.py), then re-derive the row's `model_standins` / `config_fields` with "
+        "`python tools/release_facts.py --write`.")
+
 
 def _gen(*key: Any) -> torch.Generator:
     g = torch.Generator()
@@ -436,9 +462,23 @@ class FakeAttention(torch.nn.Module):
         super().__init__()
         h = config.hidden_size
         self.a = torch.nn.Parameter(torch.randn(h, h, generator=_gen(layer_id, 1, tp.rank)) / h ** 0.5)
+        self.qkv_proj = torch.nn.Identity()  # what 0.34+'s MXFP8 input-norm check inspects
 
     def forward(self, positions, hidden_states):
-        return hidden_states @ self.a.to(hidden_states.dtype)
+        x = dequant(hidden_states)
+        return x @ self.a.to(x.dtype)
+
+
+class QuantizedActivationStandIn:
+    """0.34+'s `QuantizedActivation` (an MXFP8 activation handed to a linear): here the values
+    stay in the activation dtype, so a stand-in linear reads them back with `dequant`."""
+
+    def __init__(self, x_q, x_scale, dtype, shape, key) -> None:
+        self.x_q, self.x_scale, self.dtype, self.shape, self.key = x_q, x_scale, dtype, shape, key
+
+
+def dequant(x):
+    return x.x_q.to(x.dtype) if isinstance(x, QuantizedActivationStandIn) else x
 
 
 class FakeFFN(torch.nn.Module):
@@ -451,8 +491,12 @@ class FakeFFN(torch.nn.Module):
         self.defers_all_reduce = not reduce_results
         self.b = torch.nn.Parameter(torch.randn(h, 2 * h, generator=_gen(layer_id, 2)) / h ** 0.5)
         self.c = torch.nn.Parameter(torch.randn(2 * h, h, generator=_gen(layer_id, 3, tp.rank)) / h ** 0.5)
+        # what 0.34+'s MXFP8 post-norm check inspects (the MoE's shared expert: this module)
+        self.gate_up_proj, self.down_proj = torch.nn.Identity(), torch.nn.Identity()
+        self.__dict__["shared_experts"] = self  # not a submodule (that would recurse)
 
-    def forward(self, x):
+    def forward(self, x, shared_prequant=None):
+        x = dequant(x)
         part = torch.tanh(x @ self.b.to(x.dtype)) @ self.c.to(x.dtype)
         return self.stage.all_reduce(part, "ffn") if self.reduce_results and self.tp.world > 1 else part
 
@@ -620,6 +664,132 @@ def _ffn_globals(fs: FusionSet, stage: Stage, g: dict) -> dict:
     return g
 
 
+def _mxfp8_norm(stage: Stage, kind: str):
+    """0.34+'s Triton Gemma norm + MXFP8 quant (`gemma_fused_add_rmsnorm_mxfp8`): no all-reduce.
+    Logs on rank 0 which ran; the values stay in the activation dtype (QuantizedActivationStandIn)."""
+
+    def norm(x, residual, w, eps):
+        if stage.tp.rank == 0:
+            stage.mxfp8_calls.append(kind)
+        s = x.float() + residual.float()
+        return rms_norm(s, 1.0 + w.float(), eps).to(x.dtype), None, s.to(x.dtype)
+
+    return norm
+
+
+def _mxfp8_ops_module(stage: Stage) -> types.ModuleType:
+    """`vllm.models.minimax_m3.amd.ops` as the 0.34+ helper's `allreduce_gemma_rms_norm_mxfp8`
+    imports it (the post-attention norm + quant, after its own plain all-reduce)."""
+    m = types.ModuleType("vllm.models.minimax_m3.amd.ops")
+    m.gemma_fused_add_rmsnorm_mxfp8 = _mxfp8_norm(stage, "post")
+    post = m.gemma_fused_add_rmsnorm_mxfp8
+
+    def with_bf16(x, residual, w, eps):
+        x_q, scale, res = post(x, residual, w, eps)
+        return x_q, scale, x_q, res
+
+    m.gemma_fused_add_rmsnorm_mxfp8_and_bf16 = with_bf16
+    return m
+
+
+# Stand-ins for names only some releases' model classes use, by name: a row's
+# `model_standins` fact says which its release needs; the harness installs exactly those.
+EXTRA_STANDINS: dict[str, Callable[[Stage], Any]] = {
+    "_can_fuse_input_norm_mxfp8": lambda st: (lambda module: st.mxfp8),
+    "mono_envs": lambda st: types.SimpleNamespace(MONO_ENABLE=st.mono),
+    "pp_splits_layer_sharing": lambda st: (lambda *a, **k: False),
+    "_should_skip_index_topk": lambda st: (lambda *a, **k: False),
+    "get_fused_shared_expert_layers": lambda st: (lambda *a, **k: []),
+    "resolve_layer_fused_shared_expert": lambda st: (lambda *a, **k: st.fuse_shared_experts),
+    "gemma_fused_add_rmsnorm_mxfp8": lambda st: _mxfp8_norm(st, "input"),
+    "QuantizedActivation": lambda st: QuantizedActivationStandIn,
+    "kMxfp8Dynamic": lambda st: "kMxfp8Dynamic",
+    "ModelOptMxFp8Config": lambda st: type("ModelOptMxFp8Config", (), {}),  # no toy config is one
+}
+
+
+HARNESS_NODES = ("_sparse_attention_layer_ids", "_is_moe_layer", "MiniMAXGemmaRMSNorm", "MiniMaxM3MLP",
+                 "MiniMaxM3MoE", "MiniMaxM3DecoderLayer", "MiniMaxM3Model")
+
+
+def release_model_names(version: str) -> tuple[frozenset[str], frozenset[str]]:
+    """What the harness runs of a release's pristine model (the layer-plan functions, and the
+    `__init__`/`forward` of the classes in HARNESS_NODES): the global names it reads and the
+    `config.X` fields. The facts `model_standins` / `config_fields` are checked against these."""
+    import builtins
+
+    tree = tree_of(release_bytes(version, realvllm.MODEL).decode())
+    nodes: list[ast.AST] = []
+    for n in tree.body:
+        if getattr(n, "name", None) not in HARNESS_NODES:
+            continue
+        if isinstance(n, ast.ClassDef):
+            nodes += [m for m in n.body if isinstance(m, ast.FunctionDef) and m.name in ("__init__", "forward")]
+        else:
+            nodes.append(n)
+    loads, bound, fields = set(), set(), set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                (loads if isinstance(n.ctx, ast.Load) else bound).add(n.id)
+            elif isinstance(n, ast.arg):
+                bound.add(n.arg)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                bound.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "config":
+                fields.add(n.attr)
+    free = loads - bound - set(dir(builtins)) - set(HARNESS_NODES)
+    return frozenset(free), frozenset(fields)
+
+
+def _release_standins(fs: FusionSet, stage: Stage, helper: types.ModuleType) -> dict[str, Any]:
+    """The row's `model_standins` (and `config_fields`), or one HarnessGap naming every name
+    the harness has no stand-in for."""
+    missing = [n for n in fs.model_standins if n not in EXTRA_STANDINS and not hasattr(helper, n)]
+    missing_fields = [f for f in fs.config_fields if not hasattr(ToyConfig, f)]
+    if missing or missing_fields:
+        parts = ([f"no stand-in for {', '.join(missing)}"] if missing else []) + (
+            [f"ToyConfig has no {', '.join(missing_fields)}"] if missing_fields else [])
+        raise harness_gap(fs, "; ".join(parts))
+    out = {n: getattr(helper, n) if hasattr(helper, n) else EXTRA_STANDINS[n](stage)
+           for n in fs.model_standins}
+    if fs.mxfp8_norms:
+        _install_module(_mxfp8_ops_module(stage))
+    if fs.mono_decode:
+        _install_module(_mono_dispatch_module())
+    return out
+
+
+def _install_module(m: types.ModuleType) -> None:
+    """Put `m` (and any missing parent package) in sys.modules; the Stage removes every vllm.*
+    module on exit."""
+    parts = m.__name__.split(".")
+    for i in range(1, len(parts)):
+        parent = ".".join(parts[:i])
+        if parent not in sys.modules:
+            pkg = types.ModuleType(parent)
+            pkg.__path__ = []
+            sys.modules[parent] = pkg
+    sys.modules[m.__name__] = m
+
+
+def _mono_dispatch_module() -> types.ModuleType:
+    """0.34+'s `amd/mono/dispatch.py`: `MonoDecode` is built when VLLM_ROCM_MINIMAX_M3_MONO=1; its
+    kernels need 256 CUs at TP4, so here it never takes a step (`supports` is False) and the
+    tests look at what the model built around it."""
+    m = types.ModuleType("vllm.models.minimax_m3.amd.mono.dispatch")
+
+    class MonoDecode:
+        def __init__(self, model, vllm_config) -> None:
+            self.model = model
+
+        def supports(self, *args) -> bool:
+            return False
+
+    m.MonoDecode = MonoDecode
+    return m
+
+
 @dataclass
 class ModelWorld:
     classes: dict
@@ -686,7 +856,10 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None, *,
         "specialized_decode_config": lambda vllm_config: stage.specialized_decode_config,
         "spec_decode_needs_target_embed": lambda *a, **k: False,
         "get_current_vllm_config": stage.vllm_config,
+        "logger": types.SimpleNamespace(info_once=lambda *a, **k: None, warning=lambda *a, **k: None,
+                                        info=lambda *a, **k: None),
     }
+    g.update(_release_standins(fs, stage, helper))
     for name in ("fused_allreduce_gemma_rms_norm", "initialize_m3_aiter_allreduce",
                  "m3_aiter_ar_rms_mode", "m3_defer_ffn_all_reduce", "m3_check_runtime",
                  "m3_off_fallback", "m3_report_run"):
@@ -722,7 +895,18 @@ def build_vllm_config(stage: Stage, config: ToyConfig) -> types.SimpleNamespace:
 
 def build_model(world: ModelWorld, config: ToyConfig, dtype=torch.bfloat16) -> torch.nn.Module:
     """Construct the patched MiniMaxM3Model (on the calling rank's thread)."""
-    model = world.classes["MiniMaxM3Model"](vllm_config=build_vllm_config(world.stage, config), prefix="model")
+    try:
+        model = world.classes["MiniMaxM3Model"](vllm_config=build_vllm_config(world.stage, config),
+                                                prefix="model")
+    except NameError as exc:  # a name the row's facts do not list
+        fs = world.fs
+        if fs is None or exc.name in world.classes:
+            raise
+        raise harness_gap(fs, f"its model code uses {exc.name!r}, which no stand-in answers") from exc
+    except AttributeError as exc:
+        if world.fs is None or not isinstance(exc.obj, ToyConfig):
+            raise
+        raise harness_gap(world.fs, f"its model code reads config.{exc.name}") from exc
     # Replicated norm weights, small and non-zero (so `1 + weight` matters).
     for i, (name, p) in enumerate(sorted(model.named_parameters())):
         if name.endswith("layernorm.weight") or name == "norm.weight":

@@ -41,6 +41,12 @@ class Row:
         raise AttributeError(f"row {self.__dict__.get('name', '?')} has no fact {key!r} "
                              f"(tests/fusion_facts.py; regenerate with tools/release_facts.py --write)")
 
+    def with_facts(self, **changes: object) -> "Row":
+        """This row with some facts changed (a test's what-if: a release the harness lacks)."""
+        unknown = set(changes) - {k for k, _ in self.facts}
+        assert not unknown, f"no such facts: {sorted(unknown)}"
+        return Row(self.name, self.versions, tuple((k, _frozen(changes.get(k, v))) for k, v in self.facts))
+
     @property
     def version(self) -> str:
         """The release the behavioural tests run on."""

@@ -28,6 +28,7 @@ no vLLM, AITER or GPU.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import hashlib
 import threading
@@ -151,14 +152,41 @@ class FakeAiterCA:
         s = total.float() + res_inp.float()
         return rms_norm(s, w.float(), eps).to(inp.dtype), s.to(inp.dtype)
 
+    def all_gather_unreg(self, inp, out=None, dim=0):
+        """The pinned signature (custom_all_reduce.py:643-662): every rank's `inp` concatenated
+        along dim 0 or the last dim, in rank order (vLLM 0.34.0 gathers the logits with it)."""
+        parts = self.tp._gather(inp) if self.tp.world > 1 else [inp]
+        got = torch.cat(parts, dim=0 if dim == 0 else -1)
+        if out is None:
+            return got
+        out.copy_(got)
+        return out
+
     def custom_fused_ar_rms(self, input, residual_inp, weight, eps, use_1stage):
         # The pinned build's signature: no gemma_norm.
         if self.disabled:
             return None
         return self.fused_ar_rms(input, residual_inp, w=weight, eps=eps, use_1stage=use_1stage)
 
-    def capture(self):  # pragma: no cover - present for the surface only
-        raise AssertionError("not used on CPU")
+    # AITER's own capture flag (custom_all_reduce.py:332, set and cleared by capture(),
+    # :457-469). vLLM's graph_capture enters ca.capture() around every graph capture, so by
+    # default it follows the (stubbed) stream-capture state; `capture_flag` pins it for a test
+    # (a capture outside AITER's context).
+    capture_flag: bool | None = None
+
+    @property
+    def _IS_CAPTURING(self) -> bool:  # noqa: N802 - AITER's name
+        if self.capture_flag is not None:
+            return self.capture_flag
+        return bool(torch.cuda.is_current_stream_capturing())
+
+    @contextlib.contextmanager
+    def capture(self):
+        self.capture_flag = True
+        try:
+            yield
+        finally:
+            self.capture_flag = None
 
 
 class FakeAiterCAGemma(FakeAiterCA):

@@ -50,18 +50,27 @@ def test_the_shipped_pin_is_exposed_to_both_barrier_defects():
 
 
 @pytest.mark.parametrize("version,expect", [
-    ("0.1.11.post1", {"ROCm/aiter#4346", "ROCm/aiter#4888", "ROCm/aiter#3792"}),  # plain barrier intact
-    ("0.1.15.post3", {"ROCm/aiter#3514", "ROCm/aiter#4346", "ROCm/aiter#4888", "ROCm/aiter#3792"}),
-    ("0.1.16", {"ROCm/aiter#4346", "ROCm/aiter#4888", "ROCm/aiter#3792"}),
-    ("0.1.17+rocm7.1", {"ROCm/aiter#4346", "ROCm/aiter#4888"}),
-    ("0.1.19", {"ROCm/aiter#4346", "ROCm/aiter#4888"}),
+    ("0.1.11.post1", {"ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888", "ROCm/aiter#3792"}),  # plain barrier intact
+    ("0.1.15.post3", {"ROCm/aiter#3514", "ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888", "ROCm/aiter#3792"}),
+    ("0.1.16", {"ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888", "ROCm/aiter#3792"}),
+    ("0.1.17+rocm7.1", {"ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888"}),
+    ("0.1.19", {"ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888"}),
     ("0.1.19.post1", {"ROCm/aiter#4888"}),
     ("0.1.21.post2+rocm7.2.manylinux.2.28", {"ROCm/aiter#4888"}),
-    ("0.1.16.dev3+g1234", {"ROCm/aiter#3514", "ROCm/aiter#4346", "ROCm/aiter#4888", "ROCm/aiter#3792"}),
+    ("0.1.16.dev3+g1234", {"ROCm/aiter#3514", "ROCm/aiter#4346", "ROCm/aiter#4082", "ROCm/aiter#4888",
+                           "ROCm/aiter#3792"}),
     ("not a version", {d.id for d in DEFECTS}),
 ])
 def test_affected_ranges_with_local_and_dev_versions(version, expect):
     assert ids(affecting(version)) == expect
+
+
+def test_the_all_gather_barrier_row_bites_only_from_vllm_0_34():
+    # vLLM 0.34.0 routes TP all-gathers to AITER's all_gather_unreg; earlier releases never call it.
+    assert "ROCm/aiter#4082" not in ids(affecting(PIN, "0.33.0"))
+    assert "ROCm/aiter#4082" in ids(affecting(PIN, "0.34.0"))
+    assert "ROCm/aiter#4082" not in ids(affecting("0.1.19.post1", "0.34.0"))
+    assert "ROCm/aiter#4082" in ids(affecting("0.1.19+rocm7.1", "0.34.0"))
 
 
 def test_the_gemma_norm_row_bites_only_from_vllm_0_30():

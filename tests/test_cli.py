@@ -41,6 +41,6 @@ def test_verify_no_wheels_imports_none_of_the_wheel_half(vllm_tree):
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
     exit_code, modules = json.loads(out.stdout.strip().splitlines()[-1])
     assert exit_code == 0, out.stderr
-    loaded = {m for m in modules if m.startswith(("m3fuse.wheels", "m3fuse.cli_wheels", "packaging.pylock",
+    loaded = {m for m in modules if m.startswith(("m3fuse.wheels", "m3fuse.cli.wheels", "packaging.pylock",
                                                    "tomlkit", "requests", "urllib3"))}
     assert loaded == set()

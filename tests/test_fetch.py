@@ -259,7 +259,7 @@ def _fetch_cli(tmp_path, srv, payload, stderr_tty: bool) -> str:
 
     whl = build_wheel(tmp_path / "w", "demo-pkg", "1.0", {"demo_pkg/blob.bin": payload})
     lock = tmp_path / "p.lock"
-    lock.write_text(lock_text([("demo-pkg", "1.0", [(whl, srv.add(whl.name, whl.read_bytes()))])]))
+    lock.write_text(lock_text([srv.pin("demo-pkg", "1.0", whl)]))
     cmd = [sys.executable, "-m", "m3fuse", "fetch", "--dest", str(tmp_path / "d"), "--lock", str(lock),
            "--cache-dir", str(tmp_path / "c"), "--python", sys.executable]
     if not stderr_tty:
@@ -294,3 +294,23 @@ def test_progress_off_prints_nothing(tmp_path, payload, capsys):
     with FaultServer() as srv:
         obtain(pin(payload, srv.add(NAME, payload)), cfg_for(tmp_path / "b", progress=False))
     assert capsys.readouterr().err == ""
+
+
+def test_a_name_that_does_not_resolve_fails_at_once_through_the_cli(tmp_path):
+    """Issue 16: a DNS failure is printed once, with its cause; no four retries with backoff.
+    `.invalid` never resolves (RFC 6761), with or without a network."""
+    import subprocess
+    import sys
+
+    from wheelkit import build_wheel, lock_text
+
+    whl = build_wheel(tmp_path / "w", "flydsl", "0.1.9")
+    lock = tmp_path / "dns.lock"
+    lock.write_text(lock_text([("flydsl", "0.1.9", [(whl, f"https://m3fuse-test.invalid/{whl.name}")])]))
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("https_proxy", "http_proxy", "all_proxy")}
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "fetch", "--dest", str(tmp_path / "d"), "--lock", str(lock),
+                        "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "does not resolve" in r.stderr and "m3fuse-test.invalid" in r.stderr
+    assert "retry" not in r.stderr and r.stderr.count("does not resolve") == 1
+    assert "Traceback" not in r.stderr

@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 
 import realvllm
+import test_fixes_runtime as fx
 import test_fusion_matrix as tm
 from fusion_harness import committed_patched_text, override_source
 from fusion_matrix import ROWS, Row
@@ -96,9 +97,7 @@ MUTANTS: list[Mutant] = [
            ((tm.test_helper_modes_match_float64_reference, (2, "control")),),
            applies=lambda r: r.upstream_aiter_branch),
     Mutant("registered-ignores-enable-register-for-capturing", HELPER,
-           'registered = torch.cuda.is_current_stream_capturing() and getattr(\n'
-           '        ca, "enable_register_for_capturing", True\n    )',
-           "registered = torch.cuda.is_current_stream_capturing()",
+           '        and getattr(ca, "enable_register_for_capturing", True)\n', "",
            ((tm.test_registered_is_off_when_the_communicator_does_not_register, ()),),
            applies=lambda r: r.capture_registration_optional),
     Mutant("imports-a-name-the-release-lacks", MODEL, "    tensor_model_parallel_all_reduce,\n)",
@@ -109,10 +108,92 @@ MUTANTS: list[Mutant] = [
            ((tm.test_helper_calls_only_aiter_apis_the_release_has, ()),),
            applies=lambda r: r.aiter_api == "wrapper"),
     Mutant("specialized-decode-defers", MODEL,
-           "            self.specialized_decode_config is None\n            and m3_defer_ffn_all_reduce(vllm_config)",
-           "            m3_defer_ffn_all_reduce(vllm_config)",
+           "            self.specialized_decode_config is None\n            and ", "            ",
            ((tm.test_specialized_decode_refuses_deferral, ()),),
            applies=lambda r: r.specialized_decode),
+    # 0.34.0's review: mono decode reads a dense layer's output as reduced; the decoder layer's
+    # normed attention input is `attn_input` (binding hidden_states instead compiles and then
+    # raises UnboundLocalError); the MXFP8 input norm has no all-reduce.
+    Mutant("deferral-on-under-mono", MODEL, "            and not mono_envs.MONO_ENABLE\n", "",
+           ((tm.test_mono_decode_turns_deferral_off, ()),),
+           applies=lambda r: r.mono_decode),
+    Mutant("attn-input-trap", MODEL,
+           "            attn_input, residual = fused_allreduce_gemma_rms_norm(\n"
+           "                hidden_states, residual, self.input_layernorm",
+           "            hidden_states, residual = fused_allreduce_gemma_rms_norm(\n"
+           "                hidden_states, residual, self.input_layernorm",
+           ((tm.test_patched_forward_matches_pristine_and_float64, (2, NO_AUX)),),
+           applies=lambda r: r.attn_input == "attn_input"),
+    Mutant("mxfp8-input-norm-reads-a-partial", MODEL, "        if fuse_input_allreduce:\n",
+           "        if fuse_input_allreduce and not self.fuse_input_norm_mxfp8:\n",
+           ((tm.test_mxfp8_norms_never_take_a_partial, ("control",)),
+            (tm.test_mxfp8_norms_never_take_a_partial, ("fused",))),
+           applies=lambda r: r.mxfp8_norms),
+]
+
+
+# Issue 18: the three defects' fixes, the run-time checks, the provenance and the Ray code.
+GAMMA_COPY = "        gamma.copy_((src + 1.0).to(gamma.dtype))\n"
+UPSTREAM = lambda r: r.upstream_aiter_branch  # noqa: E731
+MUTANTS += [
+    Mutant("stale-gamma-never-refreshed", HELPER, GAMMA_COPY, "        src = src\n",
+           ((fx.test_gamma_follows_a_weight_update_in_place, ("load_weights",)),
+            (fx.test_gamma_follows_a_weight_update_in_place, ("param.copy_",)))),
+    Mutant("stale-gamma-norm-loader-does-not-refresh", MODEL, "        m3_refresh_gamma(self, param)\n", "",
+           ((fx.test_weight_loader_refreshes_before_any_eager_call, ()),
+            (fx.test_gamma_follows_a_weight_update_in_place, ("load_weights",)))),
+    Mutant("stale-gamma-version-stamp-ignored", HELPER,
+           "    fresh = norm.__dict__.get(_M3_GAMMA_STAMP) == _m3_weight_stamp(norm.weight)\n",
+           "    fresh = _M3_GAMMA_STAMP in norm.__dict__\n",
+           ((fx.test_gamma_follows_a_weight_update_in_place, ("param.copy_",)),)),
+    Mutant("gamma-replaced-not-rewritten", HELPER, GAMMA_COPY,
+           "        norm.__dict__[_M3_GAMMA_ATTR][(gamma.device, gamma.dtype)] = (src + 1.0).to(gamma.dtype)\n",
+           ((fx.test_gamma_follows_a_weight_update_in_place, ("load_weights",)),)),
+    Mutant("fused-at-any-world-size", HELPER, "    if tp not in M3_AITER_FUSED_WORLD_SIZES:\n", "    if False:\n",
+           ((fx.test_fused_refuses_a_world_size_the_fused_kernel_cannot_run, (6,)),)),
+    Mutant("registered-ignores-aiters-capture-flag", HELPER, '        and getattr(ca, "_IS_CAPTURING", False)\n', "",
+           ((fx.test_registered_needs_aiters_own_capture_flag, ()),)),
+    Mutant("deferral-on-under-context-parallelism", HELPER,
+           '        if size != 1:\n            return f"{tag}={size}"\n', "",
+           ((fx.test_context_parallelism_turns_deferral_off, (2, 1, "PCP=2")),
+            (fx.test_context_parallelism_turns_deferral_off, (1, 2, "DCP=2")))),
+    Mutant("ray-any-prefix-list-accepted", HELPER, "        M3_AR_RMS_MODE_ENV.startswith(p)\n",
+           "        bool(p)\n",
+           ((fx.test_ray_prefix_list_must_cover_the_modes_name, ("M3_X", False)),)),
+    Mutant("ray-executor-class-not-seen", HELPER,
+           '    if getattr(pc, "use_ray", False) or backend == "ray":\n', '    if backend == "ray":\n',
+           ((fx.test_ray_executor_given_as_a_class_is_refused, ("class",)),)),
+    Mutant("record-written-in-place", HELPER,
+           '        fd, tmp = tempfile.mkstemp(\n'
+           '            prefix=".m3fuse-run-", suffix=".json", dir=os.path.dirname(target)\n'
+           '        )\n',
+           '        fd, tmp = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), target\n',
+           ((fx.test_the_record_is_replaced_atomically, ()),)),
+    Mutant("record-rank-check-tp-only", HELPER, "    if path and rank == (0, 0, 0):\n",
+           "    if path and rank[0] == 0:\n",
+           ((fx.test_only_rank_0_0_0_writes_the_record, ((0, 1, 0), False)),
+            (fx.test_only_rank_0_0_0_writes_the_record, ((0, 0, 1), False)))),
+    Mutant("fused-path-ready-before-init", HELPER, '"ready" if _m3_aiter_ready else "not ready"', '"ready"',
+           ((fx.test_fused_path_is_not_ready_before_initialisation, ()),)),
+    Mutant("passthrough-keeps-deferral", HELPER,
+           '    if getattr(parallel_config, "all2all_backend", None) == "passthrough":\n',
+           "    if False:\n",
+           ((fx.test_all2all_passthrough_turns_deferral_off, ("passthrough", "all2all backend passthrough")),),
+           applies=UPSTREAM),
+    Mutant("gate-takes-non-contiguous-residual", HELPER, "        or not residual.is_contiguous()\n", "",
+           ((fx.test_non_contiguous_residual_takes_the_explicit_path, ("strided",)),)),
+    Mutant("compile-modes-1-2-refused", HELPER, "!= 3:  # CompilationMode.VLLM_COMPILE", "== 0:",
+           ((fx.test_compile_pass_check_only_at_vllm_compile, (1, False)),
+            (fx.test_compile_pass_check_only_at_vllm_compile, (2, False))),
+           applies=UPSTREAM),
+    Mutant("off-refusal-skipped", HELPER, '    why = _m3_off_refusal() if mode == "off" else None\n',
+           "    why = None\n",
+           ((fx.test_off_with_the_pinned_aiter_refused_unless_custom_ar_is_off, (True, True)),),
+           applies=UPSTREAM),
+    Mutant("report-not-once-per-rank", HELPER, "    if rank in _m3_reported:\n        return facts\n", "",
+           ((fx.test_one_line_per_rank_per_process, ()),)),
+    Mutant("kwargs-op-lacks-gemma-norm", HELPER, ' or p.kind is p.VAR_KEYWORD', '',
+           ((fx.test_an_op_taking_kwargs_has_gemma_norm, (fx.KwargsAiterCA, False)),)),
 ]
 
 
@@ -136,7 +217,8 @@ def test_mutant_is_caught(mutant: Mutant, fs: Row):
         for test, args in mutant.killers:
             try:
                 test(fs, *args)
-            except Exception:  # noqa: BLE001 - the matrix test failed: the mutant is caught
+            # pytest.raises reports a missing exception with pytest's Failed (not an Exception)
+            except (Exception, pytest.fail.Exception):  # noqa: BLE001 - the test failed: caught
                 continue
             survivors.append(f"{test.__name__}{args!r}")
     assert not survivors, f"{mutant.id} on {fs.name} survives {survivors}"

@@ -176,7 +176,7 @@ def test_a_failing_check_only_logs_by_default_and_refuses_under_strict(monkeypat
     def broken(root=None):
         raise OSError("patch sets unreadable")
 
-    monkeypatch.setattr(g, "check", broken)
+    monkeypatch.setattr(g, "_verdict", broken)
     caplog.set_level("INFO", logger="vllm.m3fuse.guard")
     monkeypatch.delenv("M3FUSE_GUARD", raising=False)
     g.guard()  # vLLM keeps starting
@@ -185,3 +185,20 @@ def test_a_failing_check_only_logs_by_default_and_refuses_under_strict(monkeypat
     with pytest.raises(g.GuardRefused, match="could not check .* refuses to start"):
         g.guard()
     assert g.mode({}) == "log" and g.mode({"M3FUSE_GUARD": "OFF"}) == "off"
+
+
+def test_a_control_run_on_a_pristine_tree_is_logged_at_info(guard_venv, vllm_tree):
+    """M3_AITER_AR_RMS_MODE=off on a pristine tree is the upstream arm `m3fuse revert` made on
+    purpose: INFO, not a warning to install. A drifted tree under the same mode still warns."""
+    root = loader_tree(vllm_tree, "0.26.0")
+    r = start(guard_venv, root, None, M3_AITER_AR_RMS_MODE="off")
+    assert r.returncode == 0 and "STARTED" in r.stdout, r.stdout + r.stderr
+    (line,) = guard_lines(r)
+    assert "INFO" in line and "WARNING" not in line and "state pristine" in line, line
+    assert "control run" in line and "m3fuse install" not in line
+    (line,) = guard_lines(start(guard_venv, root, None, M3_AITER_AR_RMS_MODE="fused"))
+    assert "WARNING" in line and "state pristine" in line
+    model = root / realvllm.MODEL
+    model.write_bytes(model.read_bytes() + b"# rebuilt image\n")
+    (line,) = guard_lines(start(guard_venv, root, None, M3_AITER_AR_RMS_MODE="off"))
+    assert "WARNING" in line and "state drifted" in line

@@ -602,7 +602,7 @@ def test_cache_not_writable(method, wheel_env, setup, tmp_path):
     root, good, _, _, _ = setup
     wheel = wheelkit.build_wheel(tmp_path / "w", "demo-fly", FLY_V)
     lock = tmp_path / "ok.lock"
-    lock.write_text(wheelkit.lock_text([("demo-fly", FLY_V, [(wheel, srv.add(wheel.name, wheel.read_bytes()))])]))
+    lock.write_text(wheelkit.lock_text([srv.pin("demo-fly", FLY_V, wheel)]))
     cache = tmp_path / "cache"
     cache.mkdir()
     before = (snapshot(root), _site(venv))

@@ -30,9 +30,8 @@ def test_wheels_then_patches_and_verify_both(tmp_path):
     cache = tmp_path / "cache"
     with FaultServer(stall_s=1.0) as srv:
         lock = tmp_path / "test.lock"
-        lock.write_text(lock_text([("flydsl", FLY_V, [(fly, srv.add(fly.name, fly.read_bytes()))]),
-                                   ("amd-aiter", AITER_V, [(aiter, srv.add(aiter.name, aiter.read_bytes(),
-                                                                             ["wrong"]))])]))
+        lock.write_text(lock_text([srv.pin("flydsl", FLY_V, fly),
+                                   srv.pin("amd-aiter", AITER_V, aiter, ["wrong"])]))
         base = ["--lock", str(lock), "--python", str(py)]
 
         # A tampered AITER download: exit 4, nothing installed, and vLLM not patched either.

@@ -1,6 +1,6 @@
 """Derived data is current: tests/fusion_facts.json equals a fresh derivation from the release
-wheels (tests/fusion_facts.py), and README's generated supported-releases section equals what
-tools/release_facts.py renders from the manifests. Both are fixed by one command:
+wheels (tests/fusion_facts.py), and README's supported-releases table and docs/pins.md's pin
+table equal what tools/release_facts.py renders from the manifests. Both are fixed by one command:
 `python tools/release_facts.py --write`."""
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ def test_shipped_facts_equal_a_fresh_derivation():
 def test_readme_section_is_current():
     text = (REPO / "README.md").read_text()
     assert text.count(release_facts.BEGIN) == 1 and text.count(release_facts.END) == 1
-    assert release_facts.readme_with_section(text, release_facts.readme_section()) == text, \
+    assert release_facts.with_section(REPO / "README.md", text, release_facts.readme_section()) == text, \
+        "stale: run python tools/release_facts.py --write"
+
+
+def test_pins_section_is_current():
+    text = release_facts.PINS.read_text()
+    assert text.count(release_facts.PINS_BEGIN) == 1 and text.count(release_facts.PINS_END) == 1
+    assert release_facts.with_section(release_facts.PINS, text, release_facts.pins_section(),
+                                      release_facts.PINS_BEGIN, release_facts.PINS_END) == text, \
         "stale: run python tools/release_facts.py --write"
 
 
@@ -40,8 +48,9 @@ def test_counts_follow_the_manifests(tmp_path):
     shutil.copytree(REPO / "patches", patches)
     n_sets = len(list(patches.glob("*/manifest.toml")))
     shutil.rmtree(patches / "vllm-0.27.x")
-    section = release_facts.readme_section(patches)
-    assert f"{n_sets - 1} sets" in section and "0.27.0/0.27.1" not in section and "| 0.27.0 |" not in section
+    pins, table = release_facts.pins_section(patches), release_facts.readme_section(patches)
+    assert f"{n_sets - 1} sets" in pins and "0.27.0/0.27.1" not in pins and "| 0.27.0 |" not in pins
+    assert "| 0.27.0 |" not in table and "| 0.26.0 | vllm-0.26.0 |" in table
 
 
 def test_a_release_the_facts_do_not_know_fails_naming_the_fact():

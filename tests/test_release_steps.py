@@ -18,7 +18,7 @@ import realvllm
 from conftest import REPO
 
 VERSION, NAME = "0.28.0", "vllm-0.28.0"
-DERIVED = ["tests/fusion_facts.json", "README.md"]
+DERIVED = ["tests/fusion_facts.json", "README.md", "docs/pins.md"]
 
 
 def steps() -> str:

@@ -92,7 +92,7 @@ def test_0230_has_no_m3_and_is_refused(tmp_path):
     before = snapshot(root)
     r = run_cli("install", "--no-wheels", "--vllm-root", str(root))
     assert r.returncode == 3, r.stderr
-    assert "0.23.0" in r.stderr and "not supported" in r.stderr and "closest set:" in r.stderr
+    assert "0.23.0" in r.stderr and "has no MiniMax M3 model" in r.stderr and "closest set:" not in r.stderr
     assert snapshot(root) == before
 
 

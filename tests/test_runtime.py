@@ -650,12 +650,18 @@ def test_the_set_line_is_one_top_level_line_naming_the_set(fs):
 ])
 @all_rows
 def test_defect_table(fs, version, defects):
+    """The set's table: #3514 and #4346 everywhere, and #4082 (fixed with #4346) where vLLM sends
+    TP all-gathers to AITER (the row's `aiter_all_gather`, 0.34+)."""
     with fh.Stage(fs, SimTP(1)):
         helper = fh.load_helper(fs)
+    gather = ["ROCm/aiter#4082"] if fs.aiter_all_gather else []
+    if defects is not None and "ROCm/aiter#4346" in defects:
+        defects = defects + gather
     assert helper.m3_aiter_defects(version) == defects
-    assert [d for d, _, _ in helper.M3_AITER_DEFECTS] == ["ROCm/aiter#3514", "ROCm/aiter#4346"]
+    assert [d for d, _, _ in helper.M3_AITER_DEFECTS] == ["ROCm/aiter#3514", "ROCm/aiter#4346"] + gather
     assert dict((d, fixed) for d, fixed, _ in helper.M3_AITER_DEFECTS) == {
-        "ROCm/aiter#3514": "0.1.16", "ROCm/aiter#4346": "0.1.19.post1"}
+        "ROCm/aiter#3514": "0.1.16", "ROCm/aiter#4346": "0.1.19.post1",
+        **{d: "0.1.19.post1" for d in gather}}
 
 
 @all_rows
@@ -672,8 +678,13 @@ def test_defect_warning_at_construction(aiter, monkeypatch, caplog, fs, version)
     has_4346 = version in (PINNED, "0.1.16")
     assert sum("has ROCm/aiter#3514 (fixed in 0.1.16)" in w for w in warnings) == (8 if has_3514 else 0)
     assert sum("has ROCm/aiter#4346 (fixed in 0.1.19.post1)" in w for w in warnings) == (8 if has_4346 else 0)
+    has_4082 = has_4346 and fs.aiter_all_gather
+    assert sum("has ROCm/aiter#4082 (fixed in 0.1.19.post1)" in w for w in warnings) == (8 if has_4082 else 0)
     for w in warnings:
-        if "#3514" in w:
+        if "#4082" in w:  # vLLM 0.34+ all-gathers the logits through AITER in every mode
+            assert "exposed: vLLM 0.34 sends tensor-parallel all-gathers" in w
+            assert "in every M3_AITER_AR_RMS_MODE (fused and control alike)" in w
+        elif "#3514" in w:
             if fs.aiter_api == "raw":  # vLLM 0.24 does plain all-reduces with its own communicator
                 assert "not exposed in this process" in w
             else:  # 0.25+: the TP communicator's aiter_ar_comm takes every small all-reduce

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import m3fuse.wheels.step as wheels_mod
-from m3fuse.cli_wheels import fetch_command, lock_group
+from m3fuse.cli.wheels import fetch_command, lock_group
 from m3fuse.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, IntegrityError
 from m3fuse.wheels.lock import load_lock
 from m3fuse.wheels.check import WheelCheckError
@@ -301,8 +301,8 @@ def test_real_old_aiter_refused_through_install(tmp_path, venv, server, wheels_d
     fly = wheels_dir["fly"]
     lock = tmp_path / "real.lock"
     lock.write_text(lock_text([
-        ("demo-fly", "0.1.9.dev1+abc", [(fly, server.add(fly.name, fly.read_bytes()))]),
-        ("amd-aiter", "0.1.7.post2.dev18", [(old, server.add(old.name, old.read_bytes()))])]))
+        server.pin("demo-fly", "0.1.9.dev1+abc", fly),
+        server.pin("amd-aiter", "0.1.7.post2.dev18", old)]))
     with pytest.raises(WheelCheckError) as ei:
         install_pinned(opts(lock, tmp_path, venv, read_timeout=10), echo=lambda s: None)
     assert "use_1stage" in ei.value.message and "_pool" in ei.value.message and old.name in ei.value.message
@@ -313,7 +313,7 @@ def test_no_fitting_wheel(tmp_path, venv, server, wheels_dir):
     # Pinned only for another interpreter: refused before any download (exit 5) ...
     other = build_wheel(tmp_path / "w", "demo-fly", "0.1.9.dev1+abc", tag="cp27-cp27mu-manylinux1_x86_64")
     lock = tmp_path / "other.lock"
-    lock.write_text(lock_text([("demo-fly", "0.1.9.dev1+abc", [(other, server.add(other.name, other.read_bytes()))])]))
+    lock.write_text(lock_text([server.pin("demo-fly", "0.1.9.dev1+abc", other)]))
     with pytest.raises(EnvironmentProblem, match="no wheel pinned for demo-fly") as ei:
         install_pinned(opts(lock, tmp_path, venv), echo=lambda s: None)
     assert ei.value.exit_code == EXIT_ENVIRONMENT and server.log == []

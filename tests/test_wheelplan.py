@@ -31,8 +31,8 @@ def served_lock(tmp_path: Path, srv: FaultServer) -> Path:
     fly = build_wheel(w, "demo-fly", FLY_V, {"demo_fly/__init__.py": "X = 1\n"})
     aiter = aiter_wheel(w, AITER_PIN)
     lock = tmp_path / "test.lock"
-    lock.write_text(lock_text([("demo-fly", FLY_V, [(fly, srv.add(fly.name, fly.read_bytes()))]),
-                               ("amd-aiter", AITER_PIN, [(aiter, srv.add(aiter.name, aiter.read_bytes()))])]))
+    lock.write_text(lock_text([srv.pin("demo-fly", FLY_V, fly),
+                               srv.pin("amd-aiter", AITER_PIN, aiter)]))
     return lock
 
 
@@ -41,7 +41,7 @@ def install(lock: Path, py: Path, tmp_path: Path, *extra: str):
                    "--cache-dir", str(tmp_path / "cache"), *extra)
 
 
-def test_newer_installed_aiter_is_not_silently_downgraded(tmp_path, server):
+def test_newer_installed_aiter_is_kept_and_with_exact_pins_not_silently_downgraded(tmp_path, server):
     py = make_venv(tmp_path / "venv")
     newer = aiter_wheel(tmp_path / "image", AITER_NEWER)
     import subprocess  # the image's own AITER, installed by pip as the image build would
@@ -49,7 +49,14 @@ def test_newer_installed_aiter_is_not_silently_downgraded(tmp_path, server):
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(newer)], check=True)
     lock = served_lock(tmp_path, server)
 
-    r = install(lock, py, tmp_path)
+    # By default a newer build that passes the content checks is kept (docs/wheels.md).
+    r = install(lock, py, tmp_path, "--dry-run", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [(w["name"], w["action"], w["reason"]) for w in json.loads(r.stdout)["wheels"]] == [
+        ("demo-fly", "install", None), ("amd-aiter", "keep", f"installed {AITER_NEWER} is newer and sound")]
+
+    # --exact-pins: the pins decide alone, as before.
+    r = install(lock, py, tmp_path, "--exact-pins")
     assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
     err = r.stderr
     assert "would downgrade 1 distribution" in err and "nothing was changed" in err
@@ -60,7 +67,7 @@ def test_newer_installed_aiter_is_not_silently_downgraded(tmp_path, server):
     assert server.log == []  # refused before any download
 
     # --dry-run --json: the same refusal, with the plan it was judged on.
-    r = install(lock, py, tmp_path, "--dry-run", "--json")
+    r = install(lock, py, tmp_path, "--dry-run", "--json", "--exact-pins")
     assert r.returncode == EXIT_ENVIRONMENT
     out = json.loads(r.stdout)
     assert out["error"]["kind"] == "downgrade" and out["error"]["exit_code"] == EXIT_ENVIRONMENT
@@ -68,13 +75,13 @@ def test_newer_installed_aiter_is_not_silently_downgraded(tmp_path, server):
         ("demo-fly", None, FLY_V, "install"), ("amd-aiter", AITER_NEWER, AITER_PIN, "downgrade")]
 
     # With --allow-downgrade the dry run shows the plan and changes nothing ...
-    r = install(lock, py, tmp_path, "--dry-run", "--json", "--allow-downgrade")
+    r = install(lock, py, tmp_path, "--dry-run", "--json", "--allow-downgrade", "--exact-pins")
     assert r.returncode == 0, r.stderr
     assert [(w["action"], w["result"]) for w in json.loads(r.stdout)["wheels"]] == [("install", "dry-run"),
                                                                                  ("downgrade", "dry-run")]
     assert installed(py, "amd-aiter") == AITER_NEWER
     # ... and the real run replaces it.
-    r = install(lock, py, tmp_path, "--allow-downgrade", "--json")
+    r = install(lock, py, tmp_path, "--allow-downgrade", "--json", "--exact-pins")
     assert r.returncode == 0, r.stderr
     assert [(w["action"], w["result"]) for w in json.loads(r.stdout)["wheels"]] == [("install", "installed"),
                                                                                  ("downgrade", "installed")]

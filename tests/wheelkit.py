@@ -92,6 +92,44 @@ def aiter_wheel(directory: Path, version: str = "0.1.15.post1+test", *, use_1sta
     return build_wheel(directory, "amd-aiter", version, files, **kw)
 
 
+# The fused path's methods as AITER >= 0.1.17 has them (gemma_norm; v0.1.19+ signatures).
+NEWER_API = (
+    "\n    def custom_fused_ar_rms(self, input, residual_inp, weight, eps, use_1stage=False, out_hidden_dim=0,\n"
+    "                            gemma_norm=False):\n        return None\n"
+    "\n    def all_gather_unreg(self, inp, out=None, dim=0):\n        return inp\n")
+
+
+
+def aiter_build(directory: Path, version: str, modules: list[str], *, gemma_norm: bool = True) -> Path:
+    """An AITER wheel shaped like a real one: the fused-path API and these modules (as packages)."""
+    files: dict[str, bytes | str] = {"aiter/__init__.py": "", "aiter/dist/__init__.py": "",
+                                     "aiter/dist/device_communicators/__init__.py": "",
+                                     "aiter/dist/device_communicators/custom_all_reduce.py":
+                                         aiter_source() + (NEWER_API if gemma_norm else "")}
+    return build_wheel(directory, "amd-aiter", version, package_files(modules, files))
+
+
+def needed_modules(set_name: str, dist: str = "amd-aiter") -> list[str]:
+    """The modules a shipped set's release needs of `dist` (its aiter-needs.toml), or none."""
+    from conftest import REPO
+    from m3fuse.wheels.needs import load_needs
+
+    needs = load_needs(REPO / "patches" / set_name)
+    got = needs.get(dist) if needs is not None else None
+    return list(got.modules) if got is not None else []
+
+
+def package_files(modules: list[str], files: dict[str, bytes | str]) -> dict[str, bytes | str]:
+    """`files` plus an empty package (`a/b/__init__.py`) for every dotted module and its parents."""
+    files = dict(files)
+    for m in modules:
+        parts = m.split(".")
+        for i in range(1, len(parts) + 1):
+            files.setdefault("/".join(parts[:i]) + "/__init__.py", "")
+    return files
+
+
+
 def lock_text(entries: list[tuple[str, str, list[tuple[Path, str]]]], *, sizes: bool = True) -> str:
     """A lock for [(name, version, [(wheel_path, url), ...]), ...]."""
     out = ['lock-version = "1.0"', 'created-by = "m3fuse-tests"']
@@ -219,6 +257,11 @@ class FaultServer:
         path = f"/wheels/{name}"
         self.files[path] = Served(data, list(plan or []))
         return self.url(name)
+
+    def pin(self, dist: str, version: str, wheel: Path,
+            plan: list[str] | None = None) -> tuple[str, str, list[tuple[Path, str]]]:
+        """Serve `wheel` (with `plan`'s faults) and return its lock_text() entry: one file, here."""
+        return dist, version, [(wheel, self.add(wheel.name, wheel.read_bytes(), plan))]
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/wheels/{quote(name)}"

@@ -3,8 +3,8 @@
 
 - tests/fusion_facts.json: the fusion matrix's rows, every fact read off each release's own
   files by the functions of tests/fusion_facts.py;
-- README.md's supported-releases section (counts and the fingerprint table), between the
-  `<!-- BEGIN generated: supported-releases -->` / `<!-- END ... -->` markers.
+- README.md's supported-releases table (release -> set) and docs/pins.md's counts and
+  fingerprint table, each between `<!-- BEGIN generated: ... -->` / `<!-- END ... -->` markers.
 
     python tools/release_facts.py --write   # after adding or changing a set
     python tools/release_facts.py --check   # exit 1 naming what is stale (the tests check the same)
@@ -27,24 +27,41 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from m3fuse.patching.patchset import load_all  # noqa: E402
 
 README = REPO / "README.md"
+PINS = REPO / "docs" / "pins.md"
 BEGIN = "<!-- BEGIN generated: supported-releases -->"
 END = "<!-- END generated: supported-releases -->"
+PINS_BEGIN = "<!-- BEGIN generated: pins -->"
+PINS_END = "<!-- END generated: pins -->"
 SHORT = {"vllm/model_executor/layers/fused_allreduce_gemma_rms_norm.py": "helper",
          "vllm/models/minimax_m3/amd/model.py": "model"}
 
 
-def readme_section(patches: Path = REPO / "patches") -> str:
+def _releases(patches: Path) -> tuple[list, list[str]]:
     from packaging.version import Version
 
     sets = load_all(patches)
-    versions = sorted({v for s in sets for v in s.vllm_versions}, key=Version)
+    return sets, sorted({v for s in sets for v in s.vllm_versions}, key=Version)
+
+
+def readme_section(patches: Path = REPO / "patches") -> str:
+    """README's table: which set each release gets (`m3fuse sets` prints the same)."""
+    sets, versions = _releases(patches)
+    rows = [f"| {v} | {next(s.name for s in sets if v in s.vllm_versions)} |" for v in versions]
+    return "\n".join([BEGIN, "| vLLM release | patch set |", "|---|---|", *rows, END])
+
+
+def pins_section(patches: Path = REPO / "patches") -> str:
+    """docs/pins.md's counts and one row per release and patched file."""
+    from packaging.version import Version
+
+    sets, versions = _releases(patches)
     shared = [s for s in sorted(sets, key=lambda s: Version(s.vllm_versions[0])) if len(s.vllm_versions) > 1]
     same = " and ".join("/".join(s.vllm_versions) for s in shared)
     prose = (f"Every vLLM release that ships M3's ROCm model has a set: {len(versions)} releases, {len(sets)} sets"
              + (f" ({same} ship the same target files)" if shared else "") + ". A set is chosen by content, so "
              "these fingerprints are what counts, not the version string. This section is generated from the "
              "manifests (`python tools/release_facts.py --write`) and a test fails if it is not current.")
-    lines = [BEGIN, *textwrap.wrap(prose, 96, break_on_hyphens=False), "",
+    lines = [PINS_BEGIN, *textwrap.wrap(prose, 96, break_on_hyphens=False), "",
              "| release | set | file | pristine sha256 | patched sha256 |",
              "|---|---|---|---|---|"]
     for version in versions:
@@ -52,13 +69,13 @@ def readme_section(patches: Path = REPO / "patches") -> str:
         for t in pset.targets:
             lines.append(f"| {version} | {pset.name} | {SHORT.get(t.path, t.path)} | `{t.pristine_sha256}` | "
                          f"`{t.patched_sha256}` |")
-    return "\n".join(lines + [END])
+    return "\n".join(lines + [PINS_END])
 
 
-def readme_with_section(text: str, section: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def with_section(path: Path, text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if len(pattern.findall(text)) != 1:
-        raise SystemExit(f"{README}: needs exactly one {BEGIN} ... {END} block")
+        raise SystemExit(f"{path}: needs exactly one {begin} ... {end} block")
     return pattern.sub(lambda _: section, text)
 
 
@@ -66,7 +83,8 @@ def outputs() -> dict[Path, str]:
     import fusion_facts
 
     return {fusion_facts.FACTS_JSON: fusion_facts.render(fusion_facts.derive()),
-            README: readme_with_section(README.read_text(), readme_section())}
+            README: with_section(README, README.read_text(), readme_section()),
+            PINS: with_section(PINS, PINS.read_text(), pins_section(), PINS_BEGIN, PINS_END)}
 
 
 def main() -> int:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import atomic, mutex
+from .. import interrupt, safeio
 from ..errors import (EXIT_DRIFT, EXIT_OK, DriftError, EnvironmentProblem, M3fuseError, PatchSetError,
-                     UnsupportedError)
-from ..fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes, sha256_file, stale_bytecode
+                     UnsafePath, UnsupportedError)
+from ..bytecode import stale_bytecode
+from ..catalog import release, supported_releases
+from ..fingerprint import bytecode_files, record_hashes_for, remove_bytecode, sha256_bytes
 from .hunks import apply_diff
 from .patchset import PatchSet, Target, resolve_inside
 from ..target import VllmTarget
@@ -45,6 +49,10 @@ class TreeState:
     state: str  # pristine / patched / partial / drifted / unsupported
     supported: list[PatchSet]
     leftovers: list[Path] = field(default_factory=list)
+    # For an unsupported tree (patch_set None): the set its files come closest to, and whether
+    # it holds none of the files any set patches (a vLLM without the MiniMax M3 model).
+    closest: PatchSet | None = None
+    no_model: bool = False
 
     @property
     def problems(self) -> list[str]:
@@ -58,21 +66,27 @@ def _file_state(root: Path, t: Target, cache: dict[str, tuple[Path, str, str | N
     if t.path not in cache:
         path = resolve_inside(root, t.path)
         try:
-            st = os.stat(path)
+            # Regular files only, every directory on the way checked: a FIFO or a device in a
+            # target's place is "not a file" (refused, exit 5), never read.
+            data = safeio.read_under(Path(os.path.realpath(root)), t.path, safeio.MAX_SOURCE)
         except FileNotFoundError:
             cache[t.path] = (path, MISSING, None)
+        except safeio.NotRegular:
+            cache[t.path] = (path, NOT_A_FILE, None)
+        except safeio.Unsafe as exc:
+            raise safeio.refusal(exc, hint=_REINSTALL_HINT) from None
+        except OSError as exc:
+            raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from exc
         else:
-            if not stat.S_ISREG(st.st_mode):
-                cache[t.path] = (path, NOT_A_FILE, None)
-            else:
-                try:
-                    cache[t.path] = (path, "", sha256_file(path))
-                except OSError as exc:
-                    raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from exc
+            cache[t.path] = (path, "", sha256_bytes(data))
     path, kind, digest = cache[t.path]
     if not kind:
         kind = PRISTINE if digest == t.pristine_sha256 else PATCHED if digest == t.patched_sha256 else DRIFTED
     return FileState(t, path, kind, digest)
+
+
+_REINSTALL_HINT = ("something other than pip has rearranged this install; reinstall vLLM "
+                   "(pip install --force-reinstall --no-deps vllm==VERSION) and run m3fuse again")
 
 
 def _summarise(files: list[FileState]) -> str:
@@ -109,9 +123,12 @@ def inspect(vllm: VllmTarget, sets: list[PatchSet]) -> TreeState:
         pool = for_version or per_set
         if not pool:
             return TreeState(vllm, None, [], UNSUPPORTED, sets)
-        pset, files = max(pool, key=lambda sf: sum(f.state in (PRISTINE, PATCHED) for f in sf[1]))
+        pset, files = _closest(pool, vllm.version)
         state = DRIFTED if for_version else UNSUPPORTED
     tree = TreeState(vllm, pset, files, state, sets)
+    if state == UNSUPPORTED:
+        tree.no_model = all(f.state == MISSING for _, fs in per_set for f in fs)
+        tree.patch_set, tree.closest = None, None if tree.no_model else pset
     record = (record_hashes_for(vllm.dist_info, {f.target.path for f in files}) if vllm.dist_info else None)
     for f in files:
         if record is not None:
@@ -119,8 +136,35 @@ def inspect(vllm: VllmTarget, sets: list[PatchSet]) -> TreeState:
             f.record = "unlisted" if want is None else "match" if want == f.sha256 else "differs"
         f.stale_bytecode = [f"{b.path.name}: {b.reason}" for b in stale_bytecode(f.path)]
     dirs = sorted({f.path.parent for f in files})
-    tree.leftovers = [p for d in dirs for p in atomic.leftovers(d)]
+    tree.leftovers = [p for d in dirs for p in atomic.leftovers(d, {f.path.name for f in files if f.path.parent == d})]
     return tree
+
+
+def _closest(pool: list[tuple[PatchSet, list[FileState]]], version: str | None
+             ) -> tuple[PatchSet, list[FileState]]:
+    """The set a tree comes closest to: most files matching by content, then the newest release
+    at or below the tree's (a 0.34 tree is nearest the newest set, not the first listed), then
+    the oldest set above it."""
+    have = release(version)
+
+    def key(sf: tuple[PatchSet, list[FileState]]) -> tuple:
+        matches = sum(f.state in (PRISTINE, PATCHED) for f in sf[1])
+        releases = [r for r in map(release, sf[0].vllm_versions) if r is not None]
+        if have is None or not releases:
+            return (matches, 0, ())
+        below = [r for r in releases if r <= have]
+        if below:
+            return (matches, 1, max(below))
+        return (matches, 0, tuple(-n for n in min(releases)))
+
+    return max(pool, key=key)
+
+
+def first_model_release(sets: list[PatchSet]) -> str | None:
+    """The oldest vLLM release any set is for: the first that has the MiniMax M3 model m3fuse
+    patches."""
+    releases = supported_releases(sets)
+    return releases[0] if releases else None
 
 
 def _file_rows(tree: TreeState) -> list[tuple[str, str]]:
@@ -137,13 +181,16 @@ def _file_rows(tree: TreeState) -> list[tuple[str, str]]:
     return rows
 
 
-def refuse_unless_known(tree: TreeState) -> None:
-    """Raise the drift / unsupported error for a tree no set recognises."""
+def refuse_unless_known(tree: TreeState, *, read_only: bool = False) -> None:
+    """Raise the drift / unsupported error for a tree no set recognises. `read_only` (verify,
+    status) leaves out "nothing was changed": those commands never change anything."""
+    unchanged = "" if read_only else "; nothing was changed"
     odd = [f for f in tree.files if f.state == NOT_A_FILE]
-    if tree.state in (DRIFTED, UNSUPPORTED) and odd:
+    pset = tree.patch_set or tree.closest
+    if tree.state in (DRIFTED, UNSUPPORTED) and odd and pset:
         raise EnvironmentProblem(
             headline=(f"{odd[0].path}: not a regular file (a directory or a device sits where the "
-                      f"{tree.patch_set.name} set expects a source file of vLLM); nothing was changed"),
+                      f"{pset.name} set expects a source file of vLLM){unchanged}"),
             hint=(f"something other than pip has rearranged this install; reinstall vLLM "
                   f"(pip install --force-reinstall --no-deps vllm=={tree.vllm.version or 'X'}) and run "
                   f"m3fuse again"))
@@ -151,21 +198,30 @@ def refuse_unless_known(tree: TreeState) -> None:
     if tree.state == DRIFTED:
         raise DriftError(
             headline=(f"vLLM {version} at {tree.vllm.root} has drifted from patch set "
-                      f"{tree.patch_set.name}; nothing was changed"),
+                      f"{tree.patch_set.name}{unchanged}"),
             details=_file_rows(tree),
             hint=(f"the installed files are not the release m3fuse knows; reinstall vLLM {version} from "
                   f"its wheel (pip install --force-reinstall --no-deps vllm=={version}) and run m3fuse again"))
     if tree.state == UNSUPPORTED:
         supported = ", ".join(f"{s.name} ({', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
         rows = [("supported sets", supported)]
-        if tree.patch_set:
-            rows += [("closest set", tree.patch_set.name)] + _file_rows(tree)
+        if tree.no_model:
+            first = first_model_release(tree.supported)
+            raise UnsupportedError(
+                headline=(f"vLLM {version} at {tree.vllm.root} has no MiniMax M3 model: none of the files "
+                          f"m3fuse patches exists{unchanged}"),
+                details=rows + [("first release with M3", first or "unknown (no patch set)")],
+                hint=(f"M3 needs vLLM {first} or newer; install one of the supported releases "
+                      f"(`m3fuse sets` lists them)" if first else "install a vLLM release that has M3"))
+        if tree.closest:
+            rows += [("closest set", tree.closest.name)] + _file_rows(tree)
         raise UnsupportedError(
             headline=(f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its "
-                      f"files; nothing was changed"),
+                      f"files{unchanged}"),
             details=rows,
-            hint=("install one of the supported releases, or make a set for this tree with "
-                  "`m3fuse port --from SET` (docs/releases.md)"))
+            hint=("install one of the supported releases (`m3fuse sets` lists them), or make a set for "
+                  f"this tree with `m3fuse port --from {tree.closest.name if tree.closest else 'SET'} "
+                  f"--name NAME` (`m3fuse port --help`)"))
 
 
 def judge(tree: TreeState, expect: str) -> tuple[list[str], int]:
@@ -175,7 +231,7 @@ def judge(tree: TreeState, expect: str) -> tuple[list[str], int]:
     code = EXIT_OK
     if tree.state in (DRIFTED, UNSUPPORTED):
         try:
-            refuse_unless_known(tree)
+            refuse_unless_known(tree, read_only=True)
         except M3fuseError as exc:
             failures.append(exc.message)
             code = exc.exit_code
@@ -208,7 +264,9 @@ def plan(tree: TreeState, goal: str) -> list[Change]:
             continue
         t = f.target
         try:
-            current = f.path.read_bytes()
+            current = safeio.read_under(Path(os.path.realpath(tree.vllm.root)), t.path, safeio.MAX_SOURCE)
+        except safeio.Unsafe as exc:
+            raise safeio.refusal(exc, hint=_REINSTALL_HINT) from None
         except OSError as exc:
             raise EnvironmentProblem(f"{f.path}: cannot read it ({exc.strerror}).") from exc
         if sha256_bytes(current) != f.sha256:
@@ -267,6 +325,12 @@ def _preflight(changes: list[Change]) -> None:
     for c in changes:
         d = c.file.path.parent
         pycache = d / "__pycache__"
+        if pycache.is_symlink() or (os.path.lexists(pycache) and not pycache.is_dir()):
+            # Its bytecode would be removed through it: a link out of the tree would make
+            # m3fuse delete files elsewhere.
+            raise safeio.refusal(safeio.Escapes(pycache, "is a symbolic link or not a directory where "
+                                                         "Python keeps this folder's bytecode"),
+                                 hint="remove it (rm " + str(pycache) + "); Python recreates it")
         for where in (d, pycache):
             if where.exists() and not os.access(where, os.W_OK | os.X_OK):
                 raise EnvironmentProblem(
@@ -289,18 +353,36 @@ def _ro_hint(where: Path) -> str:
         return ""
 
 
+@contextmanager
+def _dir_of(root: Path, path: Path) -> Iterator[int]:
+    """A descriptor of `path`'s directory, opened from the resolved vLLM `root` down without
+    following a symlink; anything unsafe on the way is the UnsafePath refusal."""
+    try:
+        with safeio.walk_down(root, path.parent.relative_to(root).parts) as fd:
+            yield fd
+    except safeio.Unsafe as exc:
+        raise safeio.refusal(exc, hint=_REINSTALL_HINT) from None
+
+
 def clean_leftovers(tree: TreeState) -> list[Path]:
+    """Remove the temp files of an interrupted run, each relative to its directory opened
+    without following a symlink (a swapped directory cannot redirect the unlink)."""
     removed = []
+    root = Path(os.path.realpath(tree.vllm.root))
     for p in tree.leftovers:
         try:
-            os.unlink(p)
-            removed.append(p)
-        except FileNotFoundError:
-            pass
+            with _dir_of(root, p) as fd:
+                if safeio.unlink_at(fd, p.name):
+                    removed.append(p)
         except OSError as exc:
             raise EnvironmentProblem(f"{p}: cannot remove this temp file of an interrupted run "
                                      f"({exc.strerror}).") from exc
     return removed
+
+
+def _tree_root(f: FileState) -> Path:
+    """The (resolved) vLLM root a file state's path was joined to."""
+    return f.path.parents[len(PurePosixPath(f.target.path).parts) - 1]
 
 
 def execute(changes: list[Change]) -> None:
@@ -308,16 +390,17 @@ def execute(changes: list[Change]) -> None:
     if not changes:
         return
     try:
-        atomic.replace_files([(c.file.path, c.new_data) for c in changes])
+        atomic.replace_files([(c.file.path, c.new_data) for c in changes], root=_tree_root(changes[0].file))
     except atomic.WriteFailed as exc:
-        why = exc.cause.strerror or str(exc.cause)
+        why = getattr(exc.cause, "strerror", None) or str(exc.cause)
+        cls = UnsafePath if isinstance(exc.cause, safeio.Unsafe) else EnvironmentProblem
         if not exc.replaced:
-            raise EnvironmentProblem(
+            raise cls(
                 f"{exc.path}: writing it failed ({why}). Nothing was changed: every new file is "
                 f"written beside its target before any is put in place, and those temp files were "
                 f"removed. Fix the cause and run the same command again.") from exc
         done = ", ".join(c.file.target.path for c in changes if c.file.path in exc.replaced)
-        raise EnvironmentProblem(
+        raise cls(
             f"{exc.path}: replacing it failed ({why}) after {done} had been replaced. Every file is "
             f"whole (pristine or patched) and `m3fuse verify` reports the tree as partial. Fix the "
             f"cause and run the same command again to finish.") from exc
@@ -339,22 +422,40 @@ def converge(vllm: VllmTarget, sets: list[PatchSet], goal: str, *, dry_run: bool
             for c in changes:
                 echo(f"would make {c.file.target.path} {goal} (now {c.file.state})")
             return tree, actions
-        actions["removed_temp_files"] = [str(p) for p in clean_leftovers(tree)]
-        execute(changes)
-        for c in changes:
-            echo(f"{goal}: {c.file.target.path}")
+        with interrupt.deferred():  # SIGINT/SIGTERM wait until every file is in place
+            return _write(vllm, sets, goal, tree, changes, actions, echo)
+
+
+def _write(vllm: VllmTarget, sets: list[PatchSet], goal: str, tree: TreeState, changes: list[Change],
+           actions: dict[str, Any], echo: Callable[[str], None]) -> tuple[TreeState, dict[str, Any]]:
+    """converge()'s write phase, under its lock with signals deferred."""
+    actions["removed_temp_files"] = [str(p) for p in clean_leftovers(tree)]
+    for p in actions["removed_temp_files"]:
+        echo(f"removed {p}: temp file of an interrupted m3fuse run")
+    old_bytecode = [p for c in changes for p in bytecode_files(c.file.path)]
+    execute(changes)
+    for c in changes:
+        echo(f"{goal}: {c.file.target.path}")
+    dropped = [p for p in old_bytecode if not p.exists()]
+    for p in dropped:
+        echo(f"removed {p}: bytecode of the replaced source")
+    after = inspect(vllm, sets)
+    # Bytecode an earlier tool left behind is repaired even when no file needed writing.
+    stale = [f for f in after.files if f.stale_bytecode]
+    actions["removed_stale_bytecode"] = []
+    root = Path(os.path.realpath(vllm.root))
+    for f in stale:
+        for line in f.stale_bytecode:
+            echo(f"removed {f.path.parent / '__pycache__'}/{line}")
+        with _dir_of(root, f.path) as fd:  # a __pycache__ swapped for a symlink is refused, never followed
+            actions["removed_stale_bytecode"] += [str(p) for p in remove_bytecode(f.path, fd)]
+    if stale:
         after = inspect(vllm, sets)
-        # Bytecode an earlier tool left behind is repaired even when no file needed writing.
-        stale = [f for f in after.files if f.stale_bytecode]
-        for f in stale:
-            remove_bytecode(f.path)
-        if stale:
-            after = inspect(vllm, sets)
-        if after.state != goal or after.problems:
-            raise EnvironmentProblem(
-                f"after writing, {vllm.root} is {after.state}, not {goal} "
-                f"({'; '.join(after.problems) or 'no other detail'}); another process may be writing "
-                f"to the tree. Run the command again.")
-        if not changes:
-            echo(f"nothing to do: already {goal}")
-        return after, actions
+    if after.state != goal or after.problems:
+        raise EnvironmentProblem(
+            f"after writing, {vllm.root} is {after.state}, not {goal} "
+            f"({'; '.join(after.problems) or 'no other detail'}); another process may be writing "
+            f"to the tree. Run the command again.")
+    if not (changes or stale or actions["removed_temp_files"]):
+        echo(f"nothing to do: already {goal}")
+    return after, actions

@@ -27,10 +27,12 @@ from pathlib import Path, PurePosixPath
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
 from . import atomic, mutex, setwriter
+from ..wheels.needs import NEEDS_FILE
 from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
 from .patchset import MANIFEST, PatchSet, Target, load_all, load_patchset
-from .port import MARKERS, STAGE_MARK, MergedFile, _prove_set, _write_folder, clean_stages, merge_file
+from .port import MARKERS, MergedFile, _prove_set, merge_file
+from .portfs import MARKER, STAGE_MARK, clean_stages, mark, unmark, write_folder
 
 RESOLUTION_SUFFIX = ".resolution.diff"
 
@@ -183,8 +185,13 @@ def derive(s: PatchSet, by_name: dict[str, PatchSet], source: BaseSource) -> tup
     return {**files, **extra}, finals
 
 
+# A set's files that `m3fuse port` does not make; a refresh keeps them as they are.
+CARRIED = frozenset({NEEDS_FILE})
+
+
 def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and not p.is_symlink() and p.name != MARKER}
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -204,15 +211,20 @@ def _exchange(a: Path, b: Path) -> None:
 def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], None]) -> None:
     """Put `files` in place of the set folder: staged and proved by port's writer under a
     stage name, then swapped with the old folder in one rename. A kill leaves the old set or
-    the new one, plus at most a stage folder that the next run removes."""
+    the new one, plus at most a marked stage folder that the next run removes."""
     new = folder.parent / f".{folder.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}-new"
-    _write_folder(new, files, prove)
+    write_folder(new, files, prove, keep_marker=True)
+    # The old set leaves under the stage name, so it must carry the marker before the swap;
+    # a kill in between leaves the marker in a live set, which the next refresh drops.
+    mark(folder)
     atomic._checkpoint(f"refresh-swap {folder.name}")
     try:
         _exchange(new, folder)
     except BaseException:
+        unmark(folder)
         shutil.rmtree(new, ignore_errors=True)
         raise
+    unmark(folder)
     atomic._fsync_dir(folder.parent)
     atomic._checkpoint(f"refresh-swapped {folder.name}")  # the old set now sits under the stage name
     shutil.rmtree(new, ignore_errors=True)
@@ -225,7 +237,10 @@ def refresh(patches: Path, source: BaseSource, *, record: bool = False, check: b
     `check` writes nothing: the outcomes say which sets differ from a fresh derivation."""
     outcomes: list[Outcome] = []
     with mutex.hold(patches, timeout=lock_timeout):
-        clean_stages(patches)
+        if not check:
+            clean_stages(patches)
+            for folder in sorted(p for p in patches.iterdir() if p.is_dir() and not p.is_symlink()):
+                unmark(folder)
         sets = load_all(patches, parse=True)
         by_name = {s.name: s for s in sets}
         for s in derived_in_order(sets):
@@ -235,6 +250,8 @@ def refresh(patches: Path, source: BaseSource, *, record: bool = False, check: b
                 files, finals = _recorded(s, by_name, source, current)
             else:
                 files, finals = derive(s, by_name, source)
+                # Written by another command from the release itself, not from the base.
+                files.update({k: v for k, v in current.items() if k in CARRIED})
             outcome = Outcome(s.name, files != current,
                               [{"path": f.path, "ported_from": f.ported_from or None,
                                 "patched_sha256": sha256_bytes(f.merged),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
-from ..errors import PatchSetError
+from .. import safeio
+from ..errors import EnvironmentProblem, PatchSetError
 from ..fingerprint import is_sha256_hex
 from .hunks import FileDiff, parse_diff
 from ..tomlread import TOMLDecodeError, loads
@@ -55,7 +56,10 @@ class PatchSet:
 
 def _read_diff(patch_path: Path, rel: str) -> FileDiff:
     try:
-        raw_patch = patch_path.read_bytes()
+        raw_patch = safeio.read_regular(patch_path, safeio.MAX_SET_FILE)
+    except safeio.Unsafe as exc:
+        raise PatchSetError(f"{patch_path}: {exc.reason}; a patch file is a small text file. Restore it "
+                            f"from the m3fuse release.") from None
     except OSError as exc:
         raise PatchSetError(f"{patch_path}: cannot read this patch file ({exc.strerror}).") from exc
     try:
@@ -84,6 +88,11 @@ def check_relative_path(rel: object, *, where: str) -> str:
     if any(part in ("..", ".", "") for part in rel.split("/")):
         raise PatchSetError(f"{where}: target path {rel!r} contains '..' or '.' components and could "
                             f"point outside the vLLM tree. Refusing the set.")
+    if not rel.startswith("vllm/") or not rel.endswith(".py"):
+        # Anything else in site-packages (a .pth runs at every interpreter start, another
+        # package's code) is not vLLM's source: no set may patch it.
+        raise PatchSetError(f"{where}: target path {rel!r} is not a .py file under vllm/; a patch set "
+                            f"only patches vLLM's Python sources. Refusing the set.")
     return rel
 
 
@@ -104,7 +113,10 @@ def load_patchset(folder: Path) -> PatchSet:
     manifest_path = folder / MANIFEST
     where = str(manifest_path)
     try:
-        raw = manifest_path.read_text(encoding="utf-8")
+        raw = safeio.read_regular(manifest_path, safeio.MAX_SET_FILE)
+    except safeio.Unsafe as exc:
+        raise PatchSetError(f"{where}: {exc.reason}; a manifest is a small text file. Restore it from the "
+                            f"m3fuse release.") from None
     except OSError as exc:
         raise PatchSetError(f"{where}: cannot read the manifest ({exc.strerror}). Every folder under "
                             f"patches/ needs a manifest.toml.") from exc
@@ -177,8 +189,14 @@ def load_all(patches_root: Path, *, parse: bool = False) -> list[PatchSet]:
 
 def resolve_inside(root: Path, rel: str) -> Path:
     """`root/rel`, refusing it if symlinks anywhere on the way lead outside `root`."""
-    base = Path(os.path.realpath(root))
-    candidate = Path(os.path.realpath(base / rel))
+    try:
+        base = Path(os.path.realpath(root))
+        candidate = Path(os.path.realpath(base / rel))
+    except OSError as exc:  # a link on the way removed or renamed while it was being followed
+        raise EnvironmentProblem(
+            f"{Path(root) / rel}: its path changed while m3fuse was resolving it ({exc.strerror}); another "
+            f"process is renaming folders in the vLLM tree. Stop it, then run the command again: it finishes or "
+            f"repairs the tree from whatever state it is in.") from None
     if candidate != base and base not in candidate.parents:
         raise PatchSetError(
             f"{base / rel}: resolves through a symlink to {candidate}, outside the vLLM root {base}. "

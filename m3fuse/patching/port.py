@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import resources
+from .. import resources, safeio
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, UnsupportedError, UsageProblem
 from ..fingerprint import record_hashes_for, sha256_bytes
 from ..target import VllmTarget
-from . import atomic, engine, mutex, setwriter
+from . import atomic, engine, mutex, portfs, setwriter
 from .hunks import apply_diff, split_lines
 from .patchset import PatchSet, Target, check_relative_path, load_patchset, resolve_inside
 
@@ -43,11 +42,10 @@ SET_NAME_LINE = re.compile(r'^M3FUSE_SET = "[^"\n]*"$', re.MULTILINE)
 # A port of a ported set says where it was ported once, not once per generation.
 PORTED_NOTE = re.compile(r" \(ported with m3fuse port onto vLLM [^)]*\)$")
 MARKERS = ("<<<<<<< ", "||||||| ", "=======", ">>>>>>> ")
-STAGE_MARK = ".port-"
 WORK_FILE = "port.json"
 NOT_REVIEWED = ("A clean merge is not a reviewed set: it proves only that the text merged. The set "
-                "counts once the fusion matrix (tests/fusion_matrix.py, one row per set) passes on it "
-                "and it is reviewed against the release sources (docs/releases.md).")
+                "counts once m3fuse's fusion matrix (one row per set, in m3fuse's test suite) passes on "
+                "it and it is reviewed against the release's own sources.")
 
 
 @dataclass
@@ -58,6 +56,7 @@ class MergedFile:
     merged: bytes
     conflicts: list[int] = field(default_factory=list)  # 1-based lines of the merged file
     compile_error: str | None = None
+    mode: int = 0o644  # permission bits of the file it was read from (the written set keeps no more)
 
     @property
     def clean(self) -> bool:
@@ -136,11 +135,15 @@ def read_tree(vllm: VllmTarget, sets: list[PatchSet], paths: list[str]) -> dict[
     out: dict[str, bytes] = {}
     for rel in paths:
         path = resolve_inside(vllm.root, rel)
-        if not path.is_file():
+        try:
+            out[rel] = safeio.read_under(Path(os.path.realpath(vllm.root)), rel, safeio.MAX_SOURCE)
+        except (FileNotFoundError, safeio.NotRegular):
             raise UnsupportedError(f"{path}: missing (or not a file) in this vLLM tree, but the set ports "
                                    f"it. This vLLM does not ship the MiniMax M3 ROCm code m3fuse patches "
-                                   f"(0.23.0 and older have none); nothing was written.")
-        out[rel] = path.read_bytes()
+                                   f"(0.23.0 and older have none); nothing was written.") from None
+        except safeio.Unsafe as exc:
+            raise safeio.refusal(exc, nothing="nothing was written",
+                                 hint="reinstall vLLM (pip install --force-reinstall --no-deps vllm==VERSION)") from None
     record = record_hashes_for(vllm.dist_info, set(paths)) if vllm.dist_info else None
     for rel, data in out.items():
         want = (record or {}).get(rel)
@@ -164,13 +167,11 @@ def base_files(pset: PatchSet, targets: list[Target], *, base_roots: list[Path],
     holds it, else the cache, else the base release's wheel."""
     want = {t.path: t.pristine_sha256 for t in targets}
     got: dict[str, bytes] = {}
+    cache = portfs.own_folder(cache, "cache folder")
     for rel, pin in want.items():
-        for candidate in [root / rel for root in base_roots] + [cache / pin]:
-            try:
-                data = candidate.read_bytes()
-            except OSError:
-                continue
-            if sha256_bytes(data) == pin:
+        for root, name in [(root, rel) for root in base_roots] + [(cache, pin)]:
+            data = portfs.read_cached(root, name)  # regular files only, no symlink followed
+            if data is not None and sha256_bytes(data) == pin:
                 got[rel] = data
                 break
     missing = {rel: want[rel] for rel in want if rel not in got}
@@ -206,17 +207,19 @@ def _from_release_wheel(pset: PatchSet, want: dict[str, str], cache: Path,
                 f"of {pset.name} (no --base-root or cache entry held them). Run where pip reaches the "
                 f"index, or pass --base-root DIR holding vLLM {version}'s files (e.g. an unpacked "
                 f"`pip download --no-deps vllm=={version}`).")
+        from ..wheels.check import read_member
+
         got: dict[str, bytes] = {}
         with zipfile.ZipFile(wheels[0]) as zf:
             for rel, pin in want.items():
                 try:
-                    data = zf.read(rel)
+                    data = read_member(zf, rel, wheels[0], safeio.MAX_SOURCE)  # bounded: not verified yet
                 except KeyError:
                     raise IntegrityError(f"{wheels[0].name}: has no {rel}; set {pset.name} cannot have been "
                                          f"made from it.") from None
                 _check_pin(f"{wheels[0].name}:{rel}", data, pin, pset)
                 got[rel] = data
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = portfs.own_folder(cache, "cache folder")
     for rel, data in got.items():
         # Content-addressed: a file under its own sha256 is either whole or absent.
         tmp_path = atomic.temp_name(cache / want[rel])
@@ -257,44 +260,6 @@ def _compile_error(rel: str, data: bytes) -> str | None:
 
 
 # ----------------------------------------------------------------------------- write
-def _write_folder(final: Path, files: dict[str, bytes], prove: Callable[[Path], None]) -> Path:
-    """Stage `files` (relative paths -> bytes) in a hidden sibling of `final`, prove the staged
-    copy, then rename it into place: `final` is either absent or complete."""
-    parent = final.parent
-    stage_dir = parent / f".{final.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    stage_dir.mkdir()
-    try:
-        for rel, data in files.items():
-            dest = stage_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic._checkpoint(f"port-stage {rel}")
-            with open(dest, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        prove(stage_dir)
-        atomic._checkpoint(f"port-rename {final.name}")
-        if final.exists() or final.is_symlink():
-            raise UsageProblem(f"{final}: appeared while m3fuse was writing; nothing was written. Run again.")
-        os.rename(stage_dir, final)
-    except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        raise
-    atomic._fsync_dir(parent)
-    return final
-
-
-def clean_stages(directory: Path) -> list[Path]:
-    """Staged folders of a killed port (hidden, named .NAME.port-PID-RAND). Call under the lock."""
-    removed = []
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.name.startswith(".") and STAGE_MARK in p.name and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
 def _prove_set(files: list[MergedFile]) -> Callable[[Path], None]:
     def prove(folder: Path) -> None:
         pset = load_patchset(folder).parse()
@@ -310,9 +275,14 @@ def write_set(out: Path, name: str, versions: list[str], summary: str, files: li
     changes = [setwriter.FileChange(f.path, f.pristine, f.merged, f.ported_from) for f in files]
     rendered = setwriter.render(name, versions, summary, changes, ported_from=ported_from)
     out.mkdir(parents=True, exist_ok=True)
+    # No more readable than what it was made from (a work folder's 0600 file stays private).
+    mode = 0o644
+    for f in files:
+        mode &= f.mode
     with mutex.hold(out, timeout=lock_timeout):
-        clean_stages(out)
-        return _write_folder(out / name, rendered, _prove_set(files))
+        portfs.clean_stages(out)
+        return portfs.write_folder(out / name, rendered, _prove_set(files), mode=mode,
+                                   checkpoint=atomic._checkpoint)
 
 
 def write_workdir(workdir: Path, result: PortResult, summary: str, ported_from: str,
@@ -331,8 +301,8 @@ def write_workdir(workdir: Path, result: PortResult, summary: str, ported_from: 
         files[f"merged/{f.path}"] = f.merged
     workdir.parent.mkdir(parents=True, exist_ok=True)
     with mutex.hold(workdir.parent, timeout=mutex.DEFAULT_TIMEOUT):
-        clean_stages(workdir.parent)
-        return _write_folder(workdir, files, lambda _: None)
+        portfs.clean_stages(workdir.parent)
+        return portfs.write_folder(workdir, files, lambda _: None, private=True, checkpoint=atomic._checkpoint)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -354,6 +324,8 @@ class PortRequest:
 
 def port(req: PortRequest, echo: Callable[[str], None] = lambda _: None) -> PortResult:
     # inspect: every refusal before anything is fetched or written
+    portfs.refuse_inside_tree("--out", req.out, req.vllm.root)
+    portfs.refuse_inside_tree("--workdir", req.workdir, req.vllm.root)
     check_name(req.name, req.out, req.sets)
     primary, per_file = choose_bases(req.sets, req.base, req.overrides)
     versions = req.versions or ([req.vllm.version] if req.vllm.version else [])
@@ -410,8 +382,9 @@ def conflict_error(result: PortResult) -> MergeConflict:
 def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
            lock_timeout: float = mutex.DEFAULT_TIMEOUT) -> PortResult:
     meta_path = workdir / WORK_FILE
+    portfs.check_workdir(workdir)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = portfs.load_work_json(workdir, WORK_FILE)
         name, versions, summary = meta["name"], list(meta["versions"]), meta["summary"]
         ported_from, entries = meta["ported-from"], list(meta["files"])
         if not (isinstance(name, str) and isinstance(summary, str) and isinstance(ported_from, str)
@@ -431,20 +404,23 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
         except (KeyError, TypeError):
             raise UsageProblem(f"{meta_path}: a file entry lacks path/ported-from/pristine-sha256.") from None
         check_relative_path(rel, where=str(meta_path))
-        pristine = (workdir / "pristine" / rel).read_bytes()
+        try:
+            pristine, pristine_mode = portfs.read_work_file(workdir, f"pristine/{rel}")
+        except FileNotFoundError:
+            raise UsageProblem(f"{workdir / 'pristine' / rel}: missing; start again with `m3fuse port`.") from None
         if sha256_bytes(pristine) != pin:
             raise IntegrityError(f"{workdir / 'pristine' / rel}: changed since port wrote it (expected sha256 "
                                  f"{pin}, got {sha256_bytes(pristine)}). Only merged/ is yours to edit; "
                                  f"start again with `m3fuse port`.")
         merged_path = workdir / "merged" / rel
         try:
-            merged = merged_path.read_bytes()
+            merged, merged_mode = portfs.read_work_file(workdir, f"merged/{rel}")
         except OSError as exc:
             raise UsageProblem(f"{merged_path}: cannot read the resolved file ({exc.strerror}).") from exc
         marks = [i for i, line in enumerate(split_lines(merged.decode("utf-8", "replace")), 1)
                  if line.startswith(MARKERS)]
         problems += [f"{merged_path}:{i}: conflict marker left" for i in marks]
-        f = MergedFile(rel, base_set, pristine, merged)
+        f = MergedFile(rel, base_set, pristine, merged, mode=pristine_mode & merged_mode)
         f.compile_error = None if marks else _compile_error(rel, merged)
         if f.compile_error:
             problems.append(f"{merged_path}: does not compile ({f.compile_error})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine import TreeState
+from .engine import PARTIAL, PATCHED, PRISTINE, TreeState
 
 
 def tree_json(tree: TreeState) -> dict[str, Any]:
@@ -12,6 +12,9 @@ def tree_json(tree: TreeState) -> dict[str, Any]:
         "state": tree.state,
         "vllm": {"version": tree.vllm.version, "root": str(tree.vllm.root), "python": tree.vllm.python},
         "set": tree.patch_set.name if tree.patch_set else None,
+        # Only for a tree no set matches: the set its files come closest to (never a match).
+        "closest_set": tree.closest.name if tree.closest else None,
+        "has_m3_model": not tree.no_model,
         "supported_sets": [{"name": s.name, "vllm_versions": list(s.vllm_versions)} for s in tree.supported],
         "files": [
             {
@@ -34,8 +37,13 @@ def tree_table(tree: TreeState) -> str:
     v = tree.vllm
     lines = [f"vLLM {v.version or '(version unknown: no dist-info)'} at {v.root}"
              + (f" (python {v.python})" if v.python else "")]
-    lines.append(f"patch set: {tree.patch_set.name if tree.patch_set else '(none matches)'}"
-                 f"    state: {tree.state.upper()}")
+    if tree.patch_set:
+        which = tree.patch_set.name
+    elif tree.no_model:
+        which = "(none: this vLLM has no MiniMax M3 model)"
+    else:
+        which = f"(none matches; closest {tree.closest.name})" if tree.closest else "(none matches)"
+    lines.append(f"patch set: {which}    state: {tree.state.upper()}")
     if tree.files:
         width = max(len(f.target.path) for f in tree.files)
         lines.append(f"  {'STATE':<10} {'FILE':<{width}}  SHA256 (first 16)  RECORD")
@@ -46,3 +54,18 @@ def tree_table(tree: TreeState) -> str:
         lines.append(f"  problem: {p}")
     return "\n".join(lines)
 
+
+
+def interrupted_line(tree: TreeState, command: str) -> str:
+    """For an interrupted `install` or `revert`: the tree's state now and the command that
+    finishes the job or undoes it (one line)."""
+    where = f"vLLM at {tree.vllm.root} is {tree.state}"
+    if tree.state == PARTIAL:
+        return f"{where} (an earlier run was killed); `m3fuse install` finishes it, `m3fuse revert` undoes it"
+    if tree.state == PATCHED:
+        return (f"{where}; `m3fuse revert` undoes it" if command == "install" else
+                f"{where} (revert had not started writing); `m3fuse revert` restores it")
+    if tree.state == PRISTINE:
+        return (f"{where} (install had not started patching); `m3fuse install` patches it" if command == "install"
+                else f"{where}; `m3fuse install` patches it again")
+    return f"{where}; `m3fuse verify` says why"

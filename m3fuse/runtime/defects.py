@@ -62,6 +62,21 @@ DEFECTS: tuple[Defect, ...] = (
             "the unpatched helper's one-stage branch (0.30.0+, `off` mode)"),
     ),
     Defect(
+        id="ROCm/aiter#4082",
+        url="https://github.com/ROCm/aiter/pull/4082",
+        defect=("the custom all-gather and reduce-scatter kernels (all_gather_unreg, reduce_scatter) return "
+                "without an exit barrier (#4082 \"synchronize custom collectives before return\" adds it; "
+                "released with #4346)"),
+        introduced=None,
+        fixed="0.1.19.post1",
+        consequence=(
+            "vLLM 0.34.0+ routes TP all-gathers (the logits, every step) to AITER's all_gather_unreg on "
+            "CDNA3/4, in every M3_AITER_AR_RMS_MODE (fused and control alike): a fast rank can reuse the "
+            "buffer a peer still reads, so outputs can be silently wrong (ROCm/aiter#4855 at TP8 on MI300X "
+            "was closed as fixed by #4346 + #4082)"),
+        vllm_from="0.34.0",
+    ),
+    Defect(
         id="ROCm/aiter#4888",
         url="https://github.com/ROCm/aiter/issues/4888",
         defect="on MI300X the one-stage all-reduce kernel can give a wrong result on the first replay after idle",
@@ -145,7 +160,7 @@ def describe(rep: dict[str, Any]) -> list[str]:
     if fixes:
         newest = max(fixes, key=_version)
         lines.append(f"AITER {rep['version']}: an AITER >= {newest} has every fix above; pin one with "
-                     f"`m3fuse lock add URL` (README, Known limits).")
+                     f"`m3fuse lock add URL --lock FILE`, then `m3fuse install --lock FILE`.")
     return lines
 
 
@@ -169,6 +184,18 @@ def pinned_version(lock_path: Path, dist: str = AITER_DIST) -> str | None:
 
 def pinned_report(lock_path: Path, vllm_version: str | None) -> dict[str, Any]:
     return report(pinned_version(lock_path), f"pinned in {Path(lock_path).name}", vllm_version)
+
+
+def planned_report(wheels: list[dict[str, Any]], lock_path: Path, vllm_version: str | None) -> dict[str, Any]:
+    """The report for the AITER the wheel step leaves installed: a kept build (newer than the
+    pin, or the one the release needs) by its own version, else the pin. With no AITER row
+    (the lock pins none) the pin, as before."""
+    row = next((r for r in wheels if str(r.get("name", "")).replace("_", "-").lower() == AITER_DIST), None)
+    if row is None:
+        return pinned_report(lock_path, vllm_version)
+    if row.get("action") == "keep" and row.get("reason"):
+        return report(row.get("installed_version"), "installed, kept by the wheel step", vllm_version)
+    return report(row.get("pinned_version"), f"pinned in {Path(lock_path).name}", vllm_version)
 
 
 def installed_report(root: Path, vllm_version: str | None, version: str | None = None) -> dict[str, Any]:

@@ -20,6 +20,9 @@ from pathlib import Path
 ENV = "M3FUSE_GUARD"
 LOG, STRICT, OFF = "log", "strict", "off"
 MODES = (LOG, STRICT, OFF)
+# The run mode (runtime/env.py's MODE_VAR and OFF arm, not imported: that module parses vLLM
+# sources) that runs upstream code: on a pristine tree it is a deliberate control run.
+CONTROL_VAR, CONTROL_VALUE = "M3_AITER_AR_RMS_MODE", "off"
 
 # A child of vLLM's "vllm" logger: vLLM's own handler and format, without importing vllm.logger.
 logger = logging.getLogger("vllm.m3fuse.guard")
@@ -60,6 +63,17 @@ def vllm_root() -> Path:
 def check(root: Path | None = None) -> tuple[str, bool]:
     """One log line naming set, state, vLLM version and location, plus whether the tree is
     patched (what `m3fuse verify` would accept)."""
+    head, failures, _ = _verdict(root)
+    return _line(head, failures), not failures
+
+
+def _line(head: str, failures: list[str]) -> str:
+    return " -- ".join([head, " ".join(failures)]) if failures else head
+
+
+def _verdict(root: Path | None) -> tuple[str, list[str], bool]:
+    """The line naming set, state, version and location; what `m3fuse verify` fails on; and
+    whether the tree is cleanly pristine (what `m3fuse verify --expect pristine` accepts)."""
     from dataclasses import replace
 
     from .. import resources
@@ -71,12 +85,10 @@ def check(root: Path | None = None) -> tuple[str, bool]:
     # Without the dist-info, inspect skips the comparison with vLLM's RECORD (thousands of rows,
     # most of the guard's time); the state comes from the content hashes alone either way.
     tree = engine.inspect(replace(vllm, dist_info=None), load_all(resources.patches_dir()))
-    failures, code = engine.judge(tree, engine.PATCHED)
+    failures, _ = engine.judge(tree, engine.PATCHED)
     line = (f"m3fuse guard: set {tree.patch_set.name if tree.patch_set else 'none'}, state {tree.state}, "
             f"vllm {vllm.version or '(version unknown)'} at {vllm.root}")
-    if failures:
-        line += " -- " + " ".join(failures)
-    return line, code == 0
+    return line, failures, engine.judge(tree, engine.PRISTINE)[1] == 0
 
 
 def _emit(level: int, line: str) -> None:
@@ -95,15 +107,19 @@ def guard() -> None:
     if how == OFF:
         return
     try:
-        line, ok = check()
+        head, failures, pristine = _verdict(None)
     except Exception as exc:  # the default mode never stops vLLM for m3fuse's own failure
         if how == STRICT:
             raise GuardRefused(f"m3fuse guard: could not check the vLLM tree ({exc}); {ENV}=strict refuses "
                                f"to start.") from exc
         _emit(logging.WARNING, f"m3fuse guard: could not check the vLLM tree: {exc}")
         return
-    if ok:
+    line = _line(head, failures)
+    if not failures:
         _emit(logging.INFO, line)
+    elif pristine and how != STRICT and os.environ.get(CONTROL_VAR, "").strip() == CONTROL_VALUE:
+        # The upstream arm of an A/B run: `m3fuse revert` made the tree pristine on purpose.
+        _emit(logging.INFO, f"{head} ({CONTROL_VAR}={CONTROL_VALUE}: a control run of upstream code)")
     elif how == STRICT:
         raise GuardRefused(f"{line}. {ENV}=strict refuses to start vLLM on a tree that is not patched: run "
                            f"`m3fuse install` (or `m3fuse verify` to see why), or unset {ENV}.")

@@ -90,7 +90,7 @@ def read_metadata(path: Path) -> tuple[str, str]:
     with _open_zip(path) as zf:
         info = dist_info_dir(zf, path)
         try:
-            raw = zf.read(f"{info}/METADATA").decode("utf-8", "replace")
+            raw = read_member(zf, f"{info}/METADATA", path).decode("utf-8", "replace")
         except KeyError:
             raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
     from email.parser import HeaderParser
@@ -126,12 +126,36 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
+MAX_MEMBER = 16 << 20  # METADATA or one Python source: a few hundred KB in real wheels
+
+
+def read_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int = MAX_MEMBER) -> bytes:
+    """One archive member, refused past `limit` bytes judged twice: by the size its header
+    declares, and by the bytes actually inflated (a zip bomb may declare a small size).
+    KeyError when absent."""
+    import zipfile
+
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise _fail(path, "archive", f"member {name!r} declares {info.file_size} bytes, over the {limit}-byte limit "
+                    f"for it", "A real wheel's file of this kind is far smaller; this one may be a zip bomb.")
+    try:
+        with zf.open(info) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise _fail(path, "archive", f"member {name!r} cannot be read ({exc})", "It cannot be a wheel.") from None
+    if len(data) > limit:
+        raise _fail(path, "archive", f"member {name!r} inflates past the {limit}-byte limit",
+                    "A real wheel's file of this kind is far smaller; this one may be a zip bomb.")
+    return data
+
+
 def _open_zip(path: Path) -> zipfile.ZipFile:
     import zipfile
 
     try:
         return zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise _fail(path, "archive", f"it is not a zip archive ({exc})", "It cannot be a wheel.") from None
 
 
@@ -188,7 +212,7 @@ def aiter_problems(source: str) -> list[str]:
 def check_aiter(path: Path) -> None:
     with _open_zip(path) as zf:
         try:
-            src = zf.read(AITER_CAR).decode("utf-8")
+            src = read_member(zf, AITER_CAR, path).decode("utf-8", "replace")
         except KeyError:
             raise _fail(path, "AITER API", f"it has no {AITER_CAR}",
                         "The fusion calls CustomAllreduce.fused_ar_rms from that module.") from None

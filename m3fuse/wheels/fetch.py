@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -28,7 +29,8 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .. import resources
-from ..errors import EnvironmentProblem, IntegrityError, Row
+from .. import safeio
+from ..errors import EnvironmentProblem, IntegrityError, M3fuseError, RedirectRefused, Row
 from ..fingerprint import hash_file
 from .lock import LockedWheel
 
@@ -36,6 +38,15 @@ CHUNK = 1 << 20  # reads, hashing and writes
 NET_CHUNK = 1 << 18  # the decoding fallback only (content-encoded bodies): a read cut short there
 # loses its whole chunk (urllib3 raises instead of returning the partial read)
 USER_AGENT = "m3fuse (wheel fetch)"
+# A download whose lock entry pins no size stops here (docs/reliability.md). The largest wheel
+# m3fuse pins (AITER for ROCm) is a few hundred MB; an endless body must not fill the disk.
+MAX_WHEEL_BYTES = 2 << 30
+CEILING_VAR = "M3FUSE_MAX_WHEEL_BYTES"  # raises (or lowers) it, for a wheel larger than that
+
+
+def max_wheel_bytes() -> int:
+    value = os.environ.get(CEILING_VAR, "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_WHEEL_BYTES
 
 
 def _quiet(_: str) -> None:
@@ -57,9 +68,25 @@ class FetchConfig:
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
-    def lock_stamps(self) -> Path:
-        """Where the lock texts packaging's PEP 751 validator has passed are remembered."""
-        return self.cache_root() / "validated-locks"
+    def lock_stamps(self) -> Path | None:
+        """Where the lock texts packaging's PEP 751 validator has passed are remembered: a
+        checked folder of the cache, or None when the cache is refused (the lock is then
+        validated in full; the refusal itself comes with the first wheel the cache is asked for)."""
+        try:
+            return self.owned("validated-locks")
+        except M3fuseError:
+            return None
+
+    def owned(self, *parts: str) -> Path:
+        """cache_root()/parts, created 0700 where missing, refused (UnsafePath) when any of
+        its folders is a symlink, another user's, or writable by others (docs/reliability.md)."""
+        root = self.cache_root()
+        try:
+            return safeio.own_dir(root, *parts)
+        except safeio.Unsafe as exc:
+            raise safeio.refusal(exc, nothing="nothing was downloaded or installed",
+                                 hint=f"m3fuse uses only a cache folder it owns (as pip does); pass a private "
+                                      f"folder with --cache-dir DIR, or set XDG_CACHE_HOME (cache: {root})") from None
 
 
 def default_cache_dir() -> Path:
@@ -81,8 +108,15 @@ def _fmt_size(n: int | None) -> str:
 MISMATCH_HEADLINE = "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK"  # pip's words for the same failure
 
 
-def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int) -> list[Row]:
-    """One wheel's expected/got rows, and what the size says about the difference."""
+def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int, *, reveal: bool = True) -> list[Row]:
+    """One wheel's expected/got rows, and what the size says about the difference. With
+    reveal=False (a local file outside m3fuse's own folders) its hash and size are not shown:
+    a lock entry must not turn m3fuse into a reader of other files' fingerprints."""
+    if not reveal:
+        what = ("the content differs" if wheel.size is None or got_size == wheel.size else
+                "it is shorter than pinned: truncated" if got_size < wheel.size else "it is larger than pinned")
+        return [("", wheel.name), ("from", source), ("expected", f"sha256 {wheel.sha256}"),
+                ("got", f"another file ({what}; its hash and size are not shown: it is not m3fuse's)")]
     if wheel.size is not None and got_size != wheel.size:
         size = (f"expected {wheel.size} bytes, got {got_size}: "
                 + ("the file is truncated, so the transfer was cut short" if got_size < wheel.size
@@ -217,10 +251,14 @@ def local_source(wheel: LockedWheel, cfg: FetchConfig) -> Path | None:
 def cached(wheel: LockedWheel, cfg: FetchConfig) -> Path | None:
     """The cached file if present and still matching its pin (re-hashed now); a damaged one
     is deleted so it is fetched again."""
-    path = cache_path(cfg.cache_root(), wheel)
-    if not path.is_file():
+    folder = cfg.owned("wheels", "sha256", wheel.sha256[:2], wheel.sha256)
+    path = folder / wheel.name
+    try:
+        sha, size = hash_file(path, wheel.size if wheel.size is not None else max_wheel_bytes())
+    except FileNotFoundError:
         return None
-    sha, size = hash_file(path)
+    except (OSError, safeio.Unsafe):
+        sha, size = "(unreadable or not a regular file)", -1
     if sha == wheel.sha256 and (wheel.size is None or size == wheel.size):
         return path
     cfg.echo(f"cached {path} no longer matches its pin (sha256 {sha}, {size} bytes); deleting it and fetching again")
@@ -253,7 +291,7 @@ _HELD: dict[str, int] = {}
 def _writer_alive(p: Path) -> bool:
     """True if another process holds the flock of this partial download (it is writing it)."""
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return False
     try:
@@ -266,27 +304,29 @@ def _writer_alive(p: Path) -> bool:
 
 
 def _tmp_dir(cfg: FetchConfig) -> Path:
-    root = cfg.cache_root()
-    tmp = root / "tmp"
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EnvironmentProblem(headline="the wheel cache cannot be created",
-                                 details=[("folder", str(root)), ("error", str(exc))],
-                                 hint="pass a writable folder with --cache-dir DIR, or set XDG_CACHE_HOME") from None
+    tmp = cfg.owned("tmp")  # m3fuse's own folder (checked): no link can point the cleanup elsewhere
     # A killed run cannot clean up after itself: drop every partial file no live run holds.
+    # Only regular files are touched, each unlinked relative to the checked folder.
     now = time.time()
-    for p in tmp.glob("*.part"):
-        if str(p) in _HELD:
-            continue
-        try:
-            if fcntl is not None:
-                if not _writer_alive(p):
-                    p.unlink()
-            elif now - p.stat().st_mtime > STALE_PART_S:
-                p.unlink()
-        except OSError:
-            pass
+    try:
+        with safeio.walk_down(tmp, []) as dfd:
+            for name in os.listdir(dfd):
+                p = tmp / name
+                if not name.endswith(".part") or str(p) in _HELD:
+                    continue
+                try:
+                    st = os.lstat(name, dir_fd=dfd)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    if fcntl is not None:
+                        if not _writer_alive(p):
+                            safeio.unlink_at(dfd, name)
+                    elif now - st.st_mtime > STALE_PART_S:
+                        safeio.unlink_at(dfd, name)
+                except OSError:
+                    pass
+    except OSError:
+        pass
     return tmp
 
 
@@ -307,8 +347,7 @@ def _release(tmp: Path) -> None:
 
 
 def _publish(tmp: Path, wheel: LockedWheel, cfg: FetchConfig) -> Path:
-    final = cache_path(cfg.cache_root(), wheel)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = cfg.owned("wheels", "sha256", wheel.sha256[:2], wheel.sha256) / wheel.name
     os.chmod(tmp, 0o644)
     os.replace(tmp, final)  # same filesystem: atomic; a concurrent run writes identical bytes
     return final
@@ -325,14 +364,18 @@ def _unlink(p: Path) -> None:
 def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
     """Copy a local file into the cache, hashing in the same pass (so what is verified is
     exactly what gets installed, even if the source changes afterwards)."""
+    limit = wheel.size if wheel.size is not None else max_wheel_bytes()
     tmp = _new_temp(cfg, wheel)
     try:
         h = hashlib.sha256()
         n = 0
         try:
-            with open(src, "rb") as fi, open(tmp, "wb") as fo:
-                while True:
-                    b = fi.read(CHUNK)
+            # A regular file only (a device or FIFO is refused unread), read up to one byte past
+            # the pinned size (or the ceiling): more is already a mismatch, so reading stops.
+            fdi, _ = safeio.open_regular(src)
+            with os.fdopen(fdi, "rb") as fi, open(tmp, "wb") as fo:
+                while n <= limit:
+                    b = fi.read(min(CHUNK, limit + 1 - n))
                     if not b:
                         break
                     h.update(b)
@@ -344,13 +387,23 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
                 details=[("pinned", wheel.url), ("looked at", str(src))],
                 hint="put the file there (for example with `m3fuse fetch --dest DIR` on a connected machine) "
                      "or pass its folder with --find-links DIR") from None
+        except safeio.Unsafe as exc:
+            raise safeio.refusal(exc, nothing="nothing was read or installed",
+                                 hint=f"the lock's url for {wheel.name} must name a wheel file; fix the lock "
+                                      f"entry or pass the wheel's folder with --find-links DIR") from None
         except OSError as exc:
             raise EnvironmentProblem(headline=f"cannot read the wheel {wheel.name}",
                                      details=[("file", str(src)), ("error", str(exc))],
                                      hint="check its permissions") from None
         sha = h.hexdigest()
+        if n > limit and wheel.size is None:
+            raise IntegrityError(headline=f"{src} is larger than the {limit}-byte ceiling for a wheel "
+                                          f"whose lock entry pins no size; nothing was installed",
+                                 details=[("", wheel.name), ("from", str(src))],
+                                 hint=f"pin its size in the lock (`m3fuse lock add` records it), or raise {CEILING_VAR}")
         if sha != wheel.sha256 or (wheel.size is not None and n != wheel.size):
-            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n), removed=False)
+            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n, reveal=src.name == wheel.name),
+                                 removed=False)
         cfg.echo(f"{wheel.name}: read from {src}, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -361,7 +414,7 @@ def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
     tmp = _new_temp(cfg, wheel)
     try:
         sha, size = download(wheel.url, tmp, cfg, expected_size=wheel.size, label=wheel.name,
-                             expected_sha256=wheel.sha256)
+                             expected_sha256=wheel.sha256)  # stops past the pinned size or the ceiling
         if sha != wheel.sha256 or (wheel.size is not None and size != wheel.size):
             raise mismatch_error(mismatch_rows(wheel, wheel.url, sha, size))
         cfg.echo(f"{wheel.name}: downloaded {size} bytes, sha256 ok")
@@ -380,9 +433,62 @@ def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | Non
     import requests  # lazily: only real downloads pay for it (see module doc)
 
     label = label or url
-    with requests.Session() as session:  # proxies and ~/.netrc come from requests' defaults
+    with _policy_session(requests, label)() as session:  # proxies and ~/.netrc come from requests' defaults
         session.headers["User-Agent"] = USER_AGENT
-        return _download(session, requests, url, dest, cfg, expected_size, label, expected_sha256)
+        try:
+            return _download(session, requests, url, dest, cfg, expected_size, label, expected_sha256)
+        except requests.TooManyRedirects:
+            raise EnvironmentProblem(headline=f"downloading {label} failed: the server redirects in a loop",
+                                     details=[("url", url)], hint="check the URL in the lock") from None
+        except requests.RequestException as exc:  # an invalid URL or scheme after all checks
+            raise EnvironmentProblem(headline=f"downloading {label} failed", details=[("url", url), ("error", str(exc))],
+                                     hint="check the URL in the lock") from None
+
+
+def _policy_session(requests, label: str):  # noqa: ANN001,ANN202 - the requests module, a Session subclass
+    """A Session that applies the lock's URL policy to every redirect hop: a server may move
+    a download elsewhere only over http(s) to a place the lock itself would accept."""
+    from urllib.parse import urljoin
+
+    from .lock import url_problem
+
+    class PolicySession(requests.Session):
+        def get_redirect_target(self, resp):  # noqa: ANN001,ANN202 - requests' own signature
+            target = super().get_redirect_target(resp)
+            if target is None:
+                return None
+            nxt = urljoin(resp.url, target)
+            scheme = urlsplit(nxt).scheme.lower()
+            problem = url_problem(nxt) if scheme in ("http", "https") else (
+                f"url {nxt!r} leaves http(s) (scheme {scheme or '(none)'!r})")
+            if problem:
+                raise RedirectRefused(
+                    headline=f"downloading {label}: the server redirected to a URL the lock policy refuses; "
+                             f"nothing was downloaded or installed",
+                    details=[("from", resp.url), ("to", nxt), ("problem", problem)],
+                    hint="pin the final https URL in the lock, or fetch the wheel elsewhere and pass its "
+                         "folder with --find-links DIR")
+            return target
+
+    return PolicySession
+
+
+def _name_resolution_error(exc: BaseException) -> str | None:
+    """The resolver's own message when `exc` (requests' ConnectionError, wrapping urllib3's
+    errors) comes from a host name that does not resolve (socket.gaierror); else None."""
+    import socket
+
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return None
 
 
 def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
@@ -406,6 +512,15 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                 resp = session.get(url, stream=True, headers=headers,
                                    timeout=(cfg.connect_timeout, cfg.read_timeout), allow_redirects=True)
             except (requests.ConnectionError, requests.Timeout) as exc:
+                unresolved = _name_resolution_error(exc)
+                if unresolved:
+                    # A name that does not resolve now will not resolve in 30 s: say so once.
+                    raise EnvironmentProblem(
+                        headline=f"downloading {label} failed: the host name in its URL does not resolve",
+                        details=[("url", url), ("error", unresolved)],
+                        hint="check the URL in the lock and this machine's DNS (or proxy: requests reads "
+                             "HTTPS_PROXY), or download the file elsewhere and pass its folder with "
+                             "--find-links DIR") from None
                 raise _Retry(f"connection failed: {exc}") from None
             with resp:
                 status = resp.status_code
@@ -438,11 +553,12 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                 total = (have + body_len) if body_len is not None else expected_size
                 bar = _bar(label, total, have, show)
                 start = have
+                ceiling = expected_size if expected_size is not None else max_wheel_bytes()
                 try:
                     with open(dest, mode) as f:
                         pump = _Pump(f, h)
                         try:
-                            pump.run(_readinto(resp), None if expected_size is None else expected_size - start, bar)
+                            pump.run(_readinto(resp), ceiling - start, bar)
                         finally:
                             have = start + pump.done
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -457,7 +573,15 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     if bar is not None:
                         bar.__exit__(None, None, None)
                 got_this = have - start
-                if body_len is not None and got_this < body_len:
+                if expected_size is None and have > ceiling:
+                    raise IntegrityError(
+                        headline=f"downloading {label} stopped at the {ceiling}-byte ceiling for a wheel "
+                                 f"whose lock entry pins no size; the partial file was deleted",
+                        details=[("url", url)],
+                        hint=f"pin its size in the lock (`m3fuse lock add` records it), raise {CEILING_VAR}, or check the server")
+                if have > ceiling:
+                    pass  # past the pinned size: a different file, reported by the caller, no retry
+                elif body_len is not None and got_this < body_len:
                     raise _Retry(f"truncated body: {got_this} of {body_len} bytes")
                 if expected_size is not None and have < expected_size and body_len is None:
                     raise _Retry(f"truncated body: {have} of {expected_size} bytes")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import EnvironmentProblem
 from .lock import Lock
-from ..target import query_interpreter, resolve_python, venv_site
+from .. import interrupt, safeio
+from ..target import query_interpreter, read_pth, resolve_python, venv_site
 
 # One probe, run either inside the target interpreter (`python -c`, the general case) or here,
 # in-process, when the answer can be read off the disk just as that interpreter would: the
@@ -27,7 +28,7 @@ from ..target import query_interpreter, resolve_python, venv_site
 # the digest without padding (PEP 376 / wheel spec). Never torch's RECORD: gigabytes, not ours.
 _PROBE_CODE = r"""
 def m3fuse_probe(names, check, path, own):
-    import base64, hashlib, os, sys, sysconfig
+    import base64, hashlib, os, stat, sys, sysconfig
     from importlib import metadata as md
     managed = None
     if own:
@@ -52,7 +53,16 @@ def m3fuse_probe(names, check, path, own):
         if dist is None:
             out[name] = None
             continue
-        info = {"version": dist.version, "problems": [], "files": 0}
+        try:
+            version = dist.version  # None (or KeyError, newer Pythons) when METADATA is missing
+        except Exception:
+            version = None
+        try:
+            root = str(dist.locate_file(""))
+        except Exception:
+            root = None
+        info = {"version": version if isinstance(version, str) else None, "problems": [], "files": 0,
+                "root": root}
         if name in check:
             files = dist.files
             if files is None:
@@ -62,12 +72,27 @@ def m3fuse_probe(names, check, path, own):
                     info["files"] += 1
                     if not f.hash:
                         continue
+                    # Only files inside site-packages are hashed: a RECORD row with '..' or an
+                    # absolute path (a console script in bin/, or a planted /dev/zero) is not
+                    # imported code, and following it could read anything or never end.
+                    if os.path.isabs(str(f)) or ".." in str(f).replace("\\", "/").split("/"):
+                        continue
                     p = dist.locate_file(f)
                     try:
                         h = hashlib.new(f.hash.mode)
-                        with open(p, "rb") as fh:
+                        st = os.lstat(p)
+                        if not stat.S_ISREG(st.st_mode):
+                            raise OSError("not a regular file")
+                        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+                        with os.fdopen(fd, "rb") as fh:
+                            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                                raise OSError("not a regular file")
+                            n = 0
                             for b in iter(lambda: fh.read(1 << 20), b""):
                                 h.update(b)
+                                n += len(b)
+                                if n > st.st_size:
+                                    raise OSError("grew while it was read")
                     except FileNotFoundError:
                         info["problems"].append("missing: %s" % f)
                         continue
@@ -102,8 +127,8 @@ def _import_path(python: str) -> tuple[list[str] | None, bool] | None:
     path = [str(site)]
     for pth in sorted(site.glob("*.pth")):  # as site.addpackage reads them: sorted, a folder per line
         try:
-            lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+            lines = read_pth(pth).splitlines()
+        except (OSError, safeio.Unsafe):
             return None
         for line in lines:
             line = line.rstrip()
@@ -143,7 +168,7 @@ def state_of(info: dict | None, version: str) -> str:
         return "missing"
     try:
         same = Version(info["version"]) == Version(version)
-    except InvalidVersion:
+    except (InvalidVersion, TypeError):  # not PEP 440, or no version at all (METADATA missing)
         same = False
     if not same:
         return "wrong-version"
@@ -171,7 +196,10 @@ def pip_install(python: str, wheels: list[tuple[Path, str]], *, break_system_pac
         for k in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_REQUIREMENT", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL"):
             env.pop(k, None)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env)
+            # pip is putting files in place: an interrupt waits for it (a Ctrl-C from the
+            # terminal reaches pip too, which stops cleanly by itself).
+            with interrupt.deferred():
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env)
         except OSError as exc:
             raise EnvironmentProblem(headline="running pip of the target Python failed",
                                      details=[("python", python), ("error", str(exc))],
@@ -193,10 +221,12 @@ class PipFailed(Exception):
         self.code, self.output, self.order = code, output, order or []
 
 
-def verify_wheels(lock: Lock, python: str) -> list[dict]:
+def verify_wheels(lock: Lock, python: str, info: dict | None = None) -> list[dict]:
     """For `m3fuse verify`: each pinned distribution installed, at the pinned version, with
-    its RECORD-listed files intact. JSON-able, one dict per package in lock order."""
-    info = probe(python, [p.name for p in lock.packages])["dists"]
+    its RECORD-listed files intact. JSON-able, one dict per package in lock order. `info`: the
+    probe's "dists" when the caller has probed already."""
+    if info is None:
+        info = probe(python, [p.name for p in lock.packages])["dists"]
     results = []
     for p in lock.packages:
         i = info.get(p.name)

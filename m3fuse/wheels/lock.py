@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from .. import safeio
 from .. import tomlread as _toml
 from ..errors import UsageProblem
 
@@ -76,6 +77,9 @@ class LockedPackage:
     name: str
     version: str
     wheels: tuple[LockedWheel, ...]
+    # [packages.tool] as read (tool name -> its table); m3fuse's own facts about the pinned
+    # build live under "m3fuse" (wheels/fit.py reads and validates them).
+    tool: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -112,16 +116,25 @@ def load_lock(path: Path, *, spec: bool = True, stamps: Path | None = None) -> L
     passed before, under the same packaging version, is not validated again: importing
     packaging.pylock costs more than the rest of an idempotent install's wheel step."""
     path = Path(path)
+    text = read_lock_text(path)
+    return parse_lock(text, path, spec=spec, stamps=stamps)
+
+
+def read_lock_text(path: Path) -> str:
+    """The lock's text: a regular UTF-8 file of at most safeio.MAX_LOCK bytes (a device, a FIFO
+    or a huge file is refused before it is read)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return safeio.read_regular(path, safeio.MAX_LOCK).decode("utf-8")
     except FileNotFoundError:
         raise LockError(headline="the wheel lock does not exist", details=[("file", str(path))],
                         hint=f"pass an existing lock with --lock FILE, or create one with "
                              f"`m3fuse lock add URL|FILE --lock {path}`") from None
+    except safeio.Unsafe as exc:
+        raise LockError(headline="the wheel lock is refused", details=[("file", str(path)), ("problem", exc.reason)],
+                        hint="a lock is a small TOML text file; pass one with --lock FILE") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LockError(headline="the wheel lock cannot be read", details=[("file", str(path)), ("error", str(exc))],
                         hint="check the path and its permissions, or pass another lock with --lock FILE") from None
-    return parse_lock(text, path, spec=spec, stamps=stamps)
 
 
 def parse_lock(text: str, path: Path, *, spec: bool = True, stamps: Path | None = None) -> Lock:
@@ -155,9 +168,11 @@ def _stamp(folder: Path | None, text: str) -> Path | None:
 def _write_stamp(stamp: Path | None) -> None:
     if stamp is None:
         return
-    try:  # best effort: an unwritable cache only means validating again next time
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.touch()
+    try:  # best effort: an unwritable or refused cache only means validating again next time
+        # m3fuse passes a folder checked as the cache's own (FetchConfig.lock_stamps); no link
+        # is followed to the file.
+        stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     except OSError:
         pass
 
@@ -222,7 +237,10 @@ def _validate(data: dict, path: Path) -> Lock:
         names = [w.name for w in wheels]
         if len(set(names)) != len(names):
             raise _bad(path, where, "the same wheel file name is listed twice")
-        pkgs.append(LockedPackage(name=name, version=version, wheels=wheels))
+        tool = rp.get("tool", {})
+        if not isinstance(tool, dict):
+            raise _bad(path, where, "tool must be a table ([packages.tool])")
+        pkgs.append(LockedPackage(name=name, version=version, wheels=wheels, tool=tool))
     return Lock(path=path, packages=tuple(pkgs), lock_version=lv)
 
 
@@ -405,19 +423,20 @@ def _package_table(name: str, version: str, wheels: Sequence[LockedWheel]):  # n
     return t
 
 
-def add_wheel(path: Path, name: str, version: str, wheel: LockedWheel) -> str:
+def add_wheel(path: Path, name: str, version: str, wheel: LockedWheel, *, facts: dict | None = None) -> str:
     """Add or update the pin of `name` to `version` with `wheel`; returns what was done
     ("added", "updated", "unchanged"). Same version: the wheel with this file name is
     replaced or a new one appended (several wheels per package are allowed). Another version:
-    the package's wheels are replaced by this one. The result is re-validated before it
-    replaces the file, so a bad edit never lands."""
+    the package's wheels are replaced by this one. `facts` (wheels/fit.py) replace the
+    package's [packages.tool.m3fuse]. The result is re-validated before it replaces the file,
+    so a bad edit never lands."""
     import tomlkit
 
     path = Path(path)
     problem = url_problem(wheel.url)
     if problem:
         raise _bad(path, f"new wheel {wheel.name}", problem)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = read_lock_text(path) if os.path.lexists(path) else ""
     if text.strip():
         # Refuse to edit a lock that is already broken; a missing created-by (locks written
         # before m3fuse followed PEP 751 fully) is the one thing an edit repairs.
@@ -469,6 +488,12 @@ def add_wheel(path: Path, name: str, version: str, wheel: LockedWheel) -> str:
                 trailer.restore(wt)
             wt["hashes"] = _hashes(wheel.sha256)
             action = "updated"
+    if facts is not None:
+        pkg_table = next(p for p in doc["packages"] if canonicalize_name(str(p.get("name", ""))) == key)
+        tool = pkg_table.get("tool")
+        if tool is None:
+            pkg_table["tool"] = tool = tomlkit.table(is_super_table=True)
+        tool["m3fuse"] = facts
     out = _tidy(tomlkit.dumps(doc))
     after = parse_lock(out, path)
     got = after.package(name)

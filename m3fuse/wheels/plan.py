@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from packaging.version import InvalidVersion, Version
 
-from ..errors import DowngradeRefused, EnvironmentProblem, ExternallyManaged, Row
+from ..errors import AiterNeedsUnmet, DowngradeRefused, EnvironmentProblem, ExternallyManaged, Row
+from . import fit
 from .lock import Lock, LockedPackage, LockedWheel, select_wheel
+from .needs import Needs
 
 INSTALL = "install"  # not installed
 UPGRADE = "upgrade"  # an older version is installed
@@ -23,6 +26,7 @@ KEEP = "keep"  # installed at the pin, every RECORD file intact
 REPAIR = "repair"  # installed at the pin, but files differ from its RECORD
 REINSTALL = "reinstall"  # intact, but --force-reinstall
 REPLACE = "replace"  # installed under a version that is not PEP 440: no order to judge
+UNMET = "unmet"  # the release needs more than the pin provides and nothing installed has it: refused
 
 
 @dataclass
@@ -31,16 +35,25 @@ class Step:
     installed: str | None  # the version installed now
     action: str
     wheel: LockedWheel | None = None  # chosen when the action needs one
+    reason: str | None = None  # why the release's needs chose this action (None: the pin decided)
+    unmet: tuple[str, ...] = ()  # UNMET: what the pin lacks; else what a refused installed build lacks
 
     @property
     def changes(self) -> bool:
-        return self.action != KEEP
+        return self.action not in (KEEP, UNMET)
+
+    @property
+    def keeps_other(self) -> bool:
+        """Kept at a version other than the pin (a newer, sound build)."""
+        return self.action == KEEP and self.reason is not None
 
 
 def action_for(info: dict | None, pinned: str, *, force: bool = False) -> str:
     """What installing `pinned` does to a distribution in state `info` (the probe's entry)."""
     if info is None:
         return INSTALL
+    if not isinstance(info.get("version"), str):
+        return REPLACE  # a dist-info whose METADATA is missing or names no version
     try:
         have, want = Version(info["version"]), Version(pinned)
     except InvalidVersion:
@@ -54,10 +67,95 @@ def action_for(info: dict | None, pinned: str, *, force: bool = False) -> str:
     return REINSTALL if force else KEEP
 
 
-def plan(lock: Lock, dists: dict[str, dict | None], *, force: bool = False) -> list[Step]:
-    """One Step per package, in lock order (the order they install in); no wheel chosen yet."""
-    return [Step(p, (dists.get(p.name) or {}).get("version"), action_for(dists.get(p.name), p.version, force=force))
-            for p in lock.packages]
+def decide(pkg: LockedPackage, info: dict | None, *, force: bool, exact: bool, needs: Needs | None,
+           lock_path: str, installed: fit.Provides | None) -> Step:
+    """The action for one pinned package. With --exact-pins the pin decides alone, as
+    action_for says. Otherwise an installed build newer than the pin that is intact, passes the
+    content checks and meets every need of the release (`needs`; None: the release is not
+    known, only the content checks count) is kept; the pin is installed only where it meets
+    the needs; where neither does, the step is UNMET."""
+    have = info.get("version") if info else None
+    step = Step(pkg, have, action_for(info, pkg.version, force=force))
+    if exact:
+        return step
+    vllm = fit.release_name(needs)
+    need = fit.needs_of(needs, pkg.key)
+    sound: fit.Verdict | None = None
+    if info is not None and installed is not None:
+        sound = fit.judge(need, installed, dist=pkg.key, vllm=vllm)
+        if info.get("problems"):
+            sound.unmet[:0] = [f"its files differ from its RECORD ({info['problems'][0]})"]
+    newer = step.action == DOWNGRADE
+    if newer and sound is not None and sound.ok:
+        step.action, step.reason = KEEP, f"installed {have} is newer and sound"
+        return step
+    pinv = pin_verdict(pkg, needs, lock_path)
+    if pinv.ok:
+        if newer and sound is not None:
+            step.reason = f"installed {have} is newer but not sound: {'; '.join(sound.unmet)}"
+        return step
+    if sound is not None and sound.ok and step.action != REPLACE:
+        step.action, step.reason = KEEP, f"installed {have} has what vLLM {vllm} needs; the pin does not"
+        return step
+    step.action, step.unmet = UNMET, tuple(pinv.unmet)
+    if sound is not None:
+        step.reason = f"installed {have or 'of unknown version'} is not enough: {'; '.join(sound.unmet)}"
+    return step
+
+
+def pin_verdict(pkg: LockedPackage, needs: Needs | None, lock_path: str) -> fit.Verdict:
+    """Does the pin meet the release's needs, by the lock's facts (or, without them, its version)?"""
+    pin = fit.from_lock(pkg, Path(lock_path)) or fit.Provides(pkg.version, f"pinned in {Path(lock_path).name}")
+    return fit.judge(fit.needs_of(needs, pkg.key), pin, dist=pkg.key, vllm=fit.release_name(needs))
+
+
+def exact_pin_warnings(steps: Sequence[Step], needs: Needs | None, lock_path: str) -> list[str]:
+    """--exact-pins installs a pin the release cannot run with; say so."""
+    out = []
+    for s in steps:
+        unmet = pin_verdict(s.package, needs, lock_path).unmet if needs is not None else []
+        if unmet:
+            out.append(f"warning: {s.package.name} {s.package.version} (pinned, kept by --exact-pins) does not have "
+                       f"what vLLM {fit.release_name(needs)} needs: {'; '.join(unmet)}")
+    return out
+
+
+def plan(lock: Lock, dists: dict[str, dict | None], *, force: bool = False, exact: bool = True,
+         needs: Needs | None = None, installed: dict[str, fit.Provides] | None = None) -> list[Step]:
+    """One Step per package, in lock order (the order they install in); no wheel chosen yet.
+    `installed`: what each installed build provides (fit.from_tree), for the packages the
+    release has needs of."""
+    return [decide(p, dists.get(p.name), force=force, exact=exact, needs=needs, lock_path=str(lock.path),
+                   installed=(installed or {}).get(p.name)) for p in lock.packages]
+
+
+def refuse_unmet(steps: Sequence[Step], python: str, needs: Needs | None, lock: Lock) -> None:
+    """Before any download: the release needs a newer build than the lock pins, and the
+    target has none that is sound."""
+    bad = [s for s in steps if s.action == UNMET]
+    if not bad:
+        return
+    vllm = fit.release_name(needs)
+    rows: list[Row] = [("python", python), ("lock", str(lock.path))]
+    for s in bad:
+        need = fit.needs_of(needs, s.package.key)
+        rows += [("", s.package.name)]
+        if need is not None and need.min_version:
+            rows.append(("needs", f">= {need.min_version} (vLLM names it at {need.min_version_source})"))
+        missing = [m for m in (need.modules if need else ()) if any(m in u for u in s.unmet)]
+        if missing:
+            rows.append(("modules", ", ".join(missing)))
+        rows += [("pinned", s.package.version)] + [("pin lacks", u) for u in s.unmet]
+        rows.append(("installed", s.reason or (f"{s.installed}" if s.installed else "nothing")))
+    need = fit.needs_of(needs, bad[0].package.key)
+    want = f" >= {need.min_version}" if need is not None and need.min_version else ""
+    raise AiterNeedsUnmet(
+        headline=f"vLLM {vllm}'s MiniMax M3 needs a newer {', '.join(s.package.name for s in bad)} than the lock "
+                 f"pins, and none is installed; nothing was downloaded or installed",
+        details=rows,
+        hint=f"pin a {bad[0].package.name}{want} build with `m3fuse lock add URL|FILE` (--lock FILE for your own "
+             f"lock), or install one into the target first (m3fuse then keeps it); --exact-pins installs the pin "
+             f"anyway, which breaks this release's M3 model")
 
 
 def refuse_downgrades(steps: Sequence[Step], python: str) -> None:
@@ -109,10 +207,11 @@ def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]],
 
 def as_json(steps: Sequence[Step]) -> list[dict]:
     return [{"name": s.package.name, "pinned_version": s.package.version, "installed_version": s.installed,
-             "action": s.action, "result": "unchanged", "file": None,
+             "action": s.action, "reason": s.reason, "unmet": list(s.unmet), "result": "unchanged", "file": None,
              "sha256": s.wheel.sha256 if s.wheel else None, "url": s.wheel.url if s.wheel else None}
             for s in steps]
 
 
 def describe(s: Step) -> str:
-    return f"{s.package.name}: installed {s.installed or '-'}, pinned {s.package.version}: {s.action}"
+    why = f" ({s.reason})" if s.reason else ""
+    return f"{s.package.name}: installed {s.installed or '-'}, pinned {s.package.version}: {s.action}{why}"

@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row
+from .. import safeio
 from ..fingerprint import hash_file
+from . import fit
 from . import plan as planner
 from .check import check_wheel, target_tags
-from .fetch import FetchConfig, obtain
+from .fetch import FetchConfig, max_wheel_bytes, obtain
 from .install import PipFailed, pip_install, probe, state_of, verify_wheels
-from .lock import load_lock
+from .lock import Lock, load_lock
+from .needs import Needs
 
 GUARDED = "torch"  # installing the pins must never move torch (its ROCm build is the image's)
 
@@ -53,6 +56,8 @@ class WheelOptions:
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    needs: Needs | None = None  # what the target's vLLM release needs (its set's aiter-needs.toml)
+    exact_pins: bool = False  # the pins decide alone: no newer build kept, the pin installed regardless
 
     def fetch_config(self, echo: Callable[[str], None]) -> FetchConfig:
         return FetchConfig(cache_dir=self.cache_dir, find_links=list(self.find_links), retries=self.retries,
@@ -78,11 +83,16 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     seen = probe(python, names + [GUARDED], record=names)
     before = seen["dists"]
     # plan
-    steps = planner.plan(lock, before, force=opts.force_reinstall)
+    steps = planner.plan(lock, before, force=opts.force_reinstall, exact=opts.exact_pins, needs=opts.needs,
+                         installed=installed_builds(lock, before, opts.needs, opts.exact_pins))
     for s in steps:
         echo(planner.describe(s))
+    if opts.exact_pins:
+        for line in planner.exact_pin_warnings(steps, opts.needs, str(lock.path)):
+            echo(line)
     todo = [s for s in steps if s.changes]
     try:
+        planner.refuse_unmet(steps, python, opts.needs, lock)
         if not opts.allow_downgrade:
             planner.refuse_downgrades(steps, python)
         if todo:
@@ -140,10 +150,11 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     # prove
     after = probe(python, names + [GUARDED], record=[])["dists"]
     wrong: list[Row] = []
-    for p in lock.packages:
-        i = after.get(p.name)
-        if i is None or state_of({**i, "problems": []}, p.version) != "ok":
-            wrong.append((p.name, f"{i['version'] if i else 'not installed'} (pinned {p.version})"))
+    for s in steps:
+        p, i = s.package, after.get(s.package.name)
+        want = s.installed if s.keeps_other else p.version  # a kept build must still be there
+        if i is None or state_of({**i, "problems": []}, str(want)) != "ok":
+            wrong.append((p.name, f"{i['version'] if i else 'not installed'} (expected {want})"))
     if wrong:
         raise EnvironmentProblem(
             headline=f"after installing from {lock.path}, the target Python does not report the pinned versions",
@@ -214,11 +225,41 @@ def _pip_failure(failed: PipFailed, steps: list[planner.Step], before: dict, aft
              "the verified wheels stay in the cache")
 
 
-def verify_pinned(lock_path: Path, python: str) -> list[dict]:
+def installed_builds(lock: Lock, dists: dict[str, dict | None], needs: Needs | None,
+                     exact: bool) -> dict[str, fit.Provides]:
+    """What each installed pinned distribution provides (read from its files), where the
+    release's needs (or, without them, the content checks) are to judge it; none under
+    --exact-pins."""
+    if exact:
+        return {}
+    out = {}
+    for p in lock.packages:
+        i = dists.get(p.name)
+        if i and i.get("root"):
+            out[p.name] = fit.from_tree(Path(i["root"]), i.get("version"), p.key, fit.wanted(needs, p.key))
+    return out
+
+
+def verify_pinned(lock_path: Path, python: str, *, needs: Needs | None = None, exact: bool = False) -> list[dict]:
     """Per pinned package: name, expected_version, installed_version, state ("ok", "missing",
-    "wrong-version", "record-mismatch"), ok, record_files, problems. Never imports requests;
-    reads the lock without packaging's PEP 751 validator (install, fetch and lock run it)."""
-    return verify_wheels(load_lock(lock_path, spec=False), python)
+    "wrong-version", "record-mismatch", "needs-unmet"), ok, record_files, problems, and "kept"
+    (why an installed build other than the pin is accepted). Accepts exactly what `install`
+    keeps (the same planner.decide). Never imports requests; reads the lock without
+    packaging's PEP 751 validator (install, fetch and lock run it)."""
+    lock = load_lock(lock_path, spec=False)
+    info = probe(python, [p.name for p in lock.packages])["dists"]
+    results = verify_wheels(lock, python, info)
+    if exact:
+        return results
+    steps = planner.plan(lock, info, exact=False, needs=needs, installed=installed_builds(lock, info, needs, False))
+    for s, r in zip(steps, results):
+        if s.keeps_other:
+            r.update(state="ok", ok=True, problems=[], kept=s.reason, expected_version=s.installed)
+        elif s.action == planner.UNMET:
+            r.update(state="needs-unmet", ok=False,
+                     problems=[f"{s.package.name} {r['installed_version'] or '(not installed)'}: {s.reason or 'nothing installed'}"]
+                     + [f"the pin {s.package.version}: {u}" for u in s.unmet])
+    return results
 
 
 def judge(results: list[dict]) -> tuple[list[str], int]:
@@ -231,6 +272,14 @@ def judge(results: list[dict]) -> tuple[list[str], int]:
     # Edited files of an installed wheel are an integrity failure; a missing or other-version
     # package is an environment that was never set up.
     return failures, EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """True when `path` is a regular file with that hash (a link, FIFO or device never is)."""
+    try:
+        return hash_file(path, max_wheel_bytes())[0] == sha256
+    except (OSError, safeio.Unsafe):
+        return False
 
 
 def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _quiet) -> list[Path]:
@@ -260,7 +309,7 @@ def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _qu
     for _, w, path in paths:
         assert path is not None
         target = dest / w.name
-        if target.is_file() and hash_file(target)[0] == w.sha256:
+        if _holds(target, w.sha256):
             out.append(target)
             continue
         fd, tmp = tempfile.mkstemp(prefix=f".{w.name}.", suffix=".part", dir=dest)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from .cli import CONTEXT, _run, _tree, target_options
-from .errors import EXIT_CODES_HELP, EXIT_OK
-from .runtime.env import ARMS, FORMATS, arm_env, render
+from . import CONTEXT, _run, _tree, target_options
+from ..errors import EXIT_CODES_HELP, EXIT_OK
+from ..runtime.env import ARMS, FORMATS, arm_env, render
 
 
 @click.command("env", context_settings=CONTEXT, epilog=EXIT_CODES_HELP)

@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from . import __version__, resources
-from .patching import engine, mutex
-from .errors import EXIT_CODES_HELP, EXIT_OK, M3fuseError, UsageProblem
-from .patching.patchset import load_all
-from .patching.report import tree_json, tree_table
-from .target import locate
+from .. import __version__, interrupt, resources
+from ..patching import engine, mutex
+from ..errors import EXIT_CODES_HELP, EXIT_OK, Interrupted, M3fuseError, UsageProblem
+from .paths import AbsPath, absolute_python
+from ..patching.patchset import load_all
+from ..patching.report import interrupted_line, tree_json, tree_table
+from ..target import locate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -47,20 +48,47 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
 def _aiter_warnings(rep: dict[str, Any], as_json: bool) -> None:
     """The known AITER defects of the AITER that is or will be installed: on stderr, never a
     change of exit code."""
-    from .runtime.defects import describe
+    from ..runtime.defects import describe
 
     if not as_json:
         for line in describe(rep):
             click.echo(f"m3fuse: warning: {line}", err=True)
 
 
+_exact_pins_option = click.option(
+    "--exact-pins", is_flag=True,
+    help="Judge the wheels by the lock's pins alone: never keep a newer installed AITER/FlyDSL, install the "
+         "pin even where the vLLM release needs more (docs/wheels.md).")
+
+
+def _needs(tree: engine.TreeState) -> Any:
+    """What the tree's release needs of AITER (its set's aiter-needs.toml), or None."""
+    if tree.patch_set is None or tree.state == engine.UNSUPPORTED:  # a closest set is not the release's
+        return None
+    from ..wheels.needs import load_needs
+
+    return load_needs(tree.patch_set.folder)
+
+
+def _needs_if_found(python: str | None, vllm_root: Path | None, patches_dir: Path | None) -> Any:
+    """`install --no-patches`: the needs of the vLLM beside the wheels when one is found and
+    known (the pin must not break it either); None when there is none to judge by."""
+    try:
+        return _needs(engine.inspect(locate(python=python, vllm_root=vllm_root),
+                                     load_all(patches_dir or resources.patches_dir())))
+    except M3fuseError as exc:
+        if exc.kind == "bad-patch-set":
+            raise
+        return None
+
+
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--python", "python", metavar="PATH",
+        click.option("--python", "python", metavar="PATH", callback=absolute_python,
                      help="Interpreter of the environment holding vLLM (default: the one running m3fuse)."),
-        click.option("--vllm-root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+        click.option("--vllm-root", type=AbsPath(file_okay=False), metavar="DIR",
                      help="Directory that contains the vllm/ package; overrides discovery."),
-        click.option("--patches", "patches_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+        click.option("--patches", "patches_dir", type=AbsPath(file_okay=False), metavar="DIR",
                      help="Folder of patch sets (default: the ones shipped with m3fuse)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
     ]
@@ -76,8 +104,9 @@ def lock_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 # Commands whose module is imported only when they are run (or listed by --help): `verify`
 # runs in every CI job and must not pay for the lock writer, packaging and tempfile.
-_LAZY_COMMANDS = {"fetch": ("cli_wheels", "fetch_command"), "lock": ("cli_wheels", "lock_group"),
-                  "env": ("cli_env", "env_command")}
+_LAZY_COMMANDS = {"fetch": ("wheels", "fetch_command"), "lock": ("wheels", "lock_group"),
+                  "env": ("env", "env_command"), "sets": ("sets", "sets_command"),
+                  "needs": ("needs", "needs_command")}
 
 
 class _Group(click.Group):
@@ -104,9 +133,36 @@ class _Group(click.Group):
         except M3fuseError as exc:
             sys.exit(_emit_error(exc, False))
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """SIGINT/SIGTERM: exit 130 with one line saying where the tree stands (see interrupt.py);
+        a signal after the command has finished is ignored, never reported as `Aborted!`."""
+        interrupt.install()
+        try:
+            return super().main(*args, **kwargs)
+        except interrupt.Signalled as sig:
+            exc = Interrupted(interrupt.report(sig))
+            click.echo(f"m3fuse: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        finally:
+            interrupt.ignore()
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # The manifests are read only when --version is asked for: not on every command's start.
+    if not value or ctx.resilient_parsing:
+        return
+    from ..catalog import version_line
+
+    try:
+        click.echo(version_line(__version__, load_all(resources.patches_dir())))
+    except M3fuseError as exc:
+        click.echo(f"m3fuse {__version__} (its patch sets cannot be read: {exc.message})")
+    ctx.exit()
+
 
 @click.group(cls=_Group, context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
-@click.version_option(__version__, prog_name="m3fuse")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version, the number of patch sets and the newest supported vLLM, and exit.")
 def main() -> None:
     """Apply, verify and revert the MiniMax M3 AITER all-reduce + Gemma RMSNorm fusion on an
     installed vLLM. Refuses any file it does not recognise byte for byte."""
@@ -123,8 +179,17 @@ def _tree(python: str | None, vllm_root: Path | None, patches_dir: Path | None) 
     return tree
 
 
+def _describe_interrupt(python: str | None, vllm_root: Path | None, patches_dir: Path | None, command: str) -> None:
+    """From here on, an interrupt is reported with the tree's state as read at that moment
+    (found again then: the signal may come before this run has found it)."""
+    interrupt.describe_with(lambda: interrupted_line(
+        engine.inspect(locate(python=python, vllm_root=vllm_root), load_all(patches_dir or resources.patches_dir())),
+        command))
+
+
 def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_dir: Path | None,
                 dry_run: bool, lock_timeout: float, echo: Callable[[str], None]) -> tuple[engine.TreeState, dict]:
+    _describe_interrupt(python, vllm_root, patches_dir, "revert")
     vllm = locate(python=python, vllm_root=vllm_root)
     sets = load_all(patches_dir or resources.patches_dir(), parse=True)
     return engine.converge(vllm, sets, goal, dry_run=dry_run, lock_timeout=lock_timeout, echo=echo)
@@ -136,20 +201,21 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
 @click.option("--no-wheels", is_flag=True, help="Only apply the patches; do not install the pinned wheels.")
 @click.option("--no-patches", is_flag=True, help="Only install the pinned wheels; do not patch vLLM.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
-@click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+@click.option("--lock", "lock_path", type=AbsPath(dir_okay=False), metavar="FILE",
               help="Wheel lock file (default: the shipped wheels.lock).")
-@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--cache-dir", type=AbsPath(file_okay=False), metavar="DIR",
               help="Download cache (default: $XDG_CACHE_HOME/m3fuse).")
-@click.option("--find-links", multiple=True, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--find-links", multiple=True, type=AbsPath(file_okay=False), metavar="DIR",
               help="Folder of wheel files to use instead of downloading (still hash-checked).")
 @click.option("--allow-downgrade", is_flag=True,
               help="Replace an installed distribution that is newer than its pin (refused otherwise).")
 @click.option("--break-system-packages", is_flag=True,
               help="Install into an externally managed (PEP 668) Python; passed on to pip.")
+@_exact_pins_option
 def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
             lock_timeout: float, no_wheels: bool, no_patches: bool, dry_run: bool, lock_path: Path | None,
             cache_dir: Path | None, find_links: tuple[Path, ...], allow_downgrade: bool,
-            break_system_packages: bool) -> None:
+            break_system_packages: bool, exact_pins: bool) -> None:
     """Install the pinned wheels, then patch vLLM (or neither)."""
     echo = (lambda s: None) if as_json else click.echo
 
@@ -160,27 +226,35 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
         if not no_patches:
             # Found and parsed once: every set's diffs (install refuses a malformed set), and the
             # vLLM the wheel step must not have changed.
+            _describe_interrupt(python, vllm_root, patches_dir, "install")
             vllm = locate(python=python, vllm_root=vllm_root)
             sets = load_all(patches_dir or resources.patches_dir(), parse=True)
+        needs = None
         if not no_wheels and not no_patches:
             # A vLLM the patches will refuse (missing, drifted, unsupported) or a broken patch set
             # is found before the wheels change the environment, not after.
-            engine.refuse_unless_known(engine.inspect(vllm, sets))
+            known = engine.inspect(vllm, sets)
+            engine.refuse_unless_known(known)
+            needs = _needs(known)
+        elif not no_wheels and not exact_pins:
+            needs = _needs_if_found(python, vllm_root, patches_dir)
         if not no_wheels:
-            from .wheels import step as wheels  # imported here: verify --no-wheels must not pay for it
+            from ..wheels import step as wheels  # imported here: verify --no-wheels must not pay for it
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
                                        find_links=list(find_links), python=python or sys.executable,
-                                       allow_downgrade=allow_downgrade, break_system_packages=break_system_packages)
+                                       allow_downgrade=allow_downgrade, break_system_packages=break_system_packages,
+                                       needs=needs, exact_pins=exact_pins)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
             tree, actions = engine.converge(vllm, sets, engine.PATCHED, dry_run=dry_run, lock_timeout=lock_timeout,
                                             echo=echo)
             out.update(tree_json(tree))
             out["actions"] = actions
-        from .runtime import defects as aiter_defects
+        from ..runtime import defects as aiter_defects
         vllm_version = (out.get("vllm") or {}).get("version")
         if not no_wheels:
-            out["aiter"] = aiter_defects.pinned_report(lock_path or resources.default_lock(), vllm_version)
+            out["aiter"] = aiter_defects.planned_report(out["wheels"], lock_path or resources.default_lock(),
+                                                        vllm_version)
         else:
             out["aiter"] = aiter_defects.installed_report(Path(out["vllm"]["root"]), vllm_version)
         _aiter_warnings(out["aiter"], as_json)
@@ -214,10 +288,11 @@ def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 @click.option("--expect", type=click.Choice([engine.PATCHED, engine.PRISTINE]), default=engine.PATCHED,
               show_default=True, help="The state the tree must be in.")
 @click.option("--no-wheels", is_flag=True, help="Do not check the pinned wheels (machines without ROCm wheels).")
-@click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+@click.option("--lock", "lock_path", type=AbsPath(dir_okay=False), metavar="FILE",
               help="Wheel lock file (default: the shipped wheels.lock).")
+@_exact_pins_option
 def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
-           expect: str, no_wheels: bool, lock_path: Path | None) -> None:
+           expect: str, no_wheels: bool, lock_path: Path | None, exact_pins: bool) -> None:
     """Read-only check: exit 0 only if vLLM (and the wheels) are exactly as expected."""
 
     def body() -> int:
@@ -225,13 +300,14 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
         failures, code = engine.judge(tree, expect)
         if not no_wheels and expect == engine.PATCHED:
-            from .wheels import step as wheels
-            results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable)
+            from ..wheels import step as wheels
+            results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable,
+                                           needs=_needs(tree), exact=exact_pins)
             out["wheels"] = results
             wheel_failures, wheel_code = wheels.judge(results)
             failures += wheel_failures
             code = code or wheel_code
-        from .runtime import defects as aiter_defects
+        from ..runtime import defects as aiter_defects
         probed = next((r.get("installed_version") for r in out.get("wheels", [])
                        if r.get("name") == aiter_defects.AITER_DIST), None)
         out["aiter"] = aiter_defects.installed_report(tree.vllm.root, tree.vllm.version, probed)
@@ -267,26 +343,27 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 
 
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
-@click.option("--python", "python", metavar="PATH", help="Interpreter of the environment holding the new vLLM.")
-@click.option("--vllm-root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--python", "python", metavar="PATH", callback=absolute_python,
+              help="Interpreter of the environment holding the new vLLM.")
+@click.option("--vllm-root", type=AbsPath(file_okay=False), metavar="DIR",
               help="Directory that contains the new vllm/ package.")
 @click.option("--from", "bases", multiple=True, metavar="SET | FILE=SET",
               help="The shipped set to port; FILE=SET takes one file's changes from another set.")
 @click.option("--name", metavar="NAME", help="Name (folder) of the new set, e.g. vllm-0.28.0.")
 @click.option("--version", "versions", multiple=True, metavar="V",
               help="vLLM version(s) the set is for (default: the tree's version).")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--out", type=AbsPath(file_okay=False), metavar="DIR",
               help="Where the set folder goes (default: the patches folder in use).")
-@click.option("--patches", "patches_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--patches", "patches_dir", type=AbsPath(file_okay=False), metavar="DIR",
               help="Folder of patch sets to port from (default: the ones shipped with m3fuse).")
-@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--workdir", type=AbsPath(file_okay=False), metavar="DIR",
               help="Work folder for files that need a hand (default: m3fuse's cache, port/NAME).")
-@click.option("--base-root", "base_roots", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--base-root", "base_roots", multiple=True, type=AbsPath(file_okay=False),
               metavar="DIR", help="Tree(s) holding the base sets' pristine files (else: cache, then pip download).")
 @click.option("--edit", is_flag=True, help="Stop at the work folder even when the merge is clean.")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), metavar="WORKDIR",
+@click.option("--resume", "resume_dir", type=AbsPath(file_okay=False), metavar="WORKDIR",
               help="Finish a set from the hand-resolved files of a work folder.")
-@click.option("--wheels", "wheel_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--wheels", "wheel_dirs", multiple=True, type=AbsPath(file_okay=False),
               metavar="DIR", help="Folder of vLLM release wheels already downloaded (DIR/vllm-X-*.whl or "
                                   "DIR/X/vllm-X-*.whl) to read base files from instead of downloading.")
 @click.option("--refresh", is_flag=True, help="Re-derive every ported set from its bases and recorded resolutions.")
@@ -303,8 +380,8 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
 
     Without --from, every set is tried per file and the one with the fewest conflicts is taken.
     Never writes into the vLLM tree. A clean merge is not a reviewed set."""
-    from .patching import port as porting
-    from .patching.basesource import BaseSource
+    from ..patching import port as porting
+    from ..patching.basesource import BaseSource
 
     echo = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
 
@@ -316,7 +393,7 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
             return _refresh(patches_dir or resources.patches_dir(), source, record, check, as_json, lock_timeout,
                             others=bool(bases or name or versions or python or vllm_root or edit or resume_dir or out))
         sets = load_all(patches_dir or resources.patches_dir())
-        dest = out or patches_dir or resources.patches_dir()
+        dest = resources.refuse_writing_into_package(out or patches_dir or resources.patches_dir(), "--out DIR")
         extra: dict = {}
         if resume_dir is not None:
             if bases or name or versions or python or vllm_root or edit or base_roots:
@@ -324,7 +401,7 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
                                    "the rest was decided when the work folder was written.")
             result = porting.resume(resume_dir, dest, sets, lock_timeout=lock_timeout)
         else:
-            from .patching.basechoice import port_with_bases
+            from ..patching.basechoice import port_with_bases
 
             plain = [b for b in bases if "=" not in b]
             if len(plain) > 1 or not name or (bases and not plain):
@@ -353,8 +430,8 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
 
 def _refresh(patches: Path, source: Any, record: bool, check: bool, as_json: bool, lock_timeout: float,
              others: bool) -> int:
-    from .errors import IntegrityError
-    from .patching import lineage
+    from ..errors import IntegrityError
+    from ..patching import lineage
 
     if others or (record and check):
         raise UsageProblem("--refresh / --record-resolutions take only --patches, --base-root, --wheels, "

@@ -11,29 +11,30 @@ from pathlib import Path
 
 import click
 
-from .errors import EnvironmentProblem, UsageProblem
-from .wheels.lock import LockedWheel, add_wheel, load_lock, url_problem
-from .resources import default_lock
+from .paths import AbsPath, absolute_python
+from ..errors import EnvironmentProblem, UsageProblem
+from ..wheels.lock import LockedWheel, add_wheel, load_lock, url_problem
+from ..resources import default_lock, refuse_writing_into_package
 
 
 def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-_lock_option = click.option("--lock", "lock_path", type=click.Path(path_type=Path, dir_okay=False),
+_lock_option = click.option("--lock", "lock_path", type=AbsPath(dir_okay=False),
                             default=None, help="Wheel lock to use (default: the shipped wheels.lock).")
-_cache_option = click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+_cache_option = click.option("--cache-dir", type=AbsPath(file_okay=False), default=None,
                              help="Download cache (default: $XDG_CACHE_HOME/m3fuse).")
 
 
 @click.command("fetch")
-@click.option("--dest", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--dest", required=True, type=AbsPath(file_okay=False),
               help="Folder to place the verified wheels in (use it later with --find-links).")
 @_lock_option
 @_cache_option
-@click.option("--find-links", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--find-links", multiple=True, type=AbsPath(file_okay=False),
               help="Folder of wheel files to take pinned wheels from (still hash-checked). Repeatable.")
-@click.option("--python", "python", default=None,
+@click.option("--python", "python", default=None, callback=absolute_python,
               help="Target interpreter whose tags choose the wheel (default: this Python).")
 @click.option("--all", "all_wheels", is_flag=True,
               help="Fetch every wheel in the lock, whatever the target interpreter.")
@@ -41,7 +42,7 @@ def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, fi
                   python: str | None, all_wheels: bool) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
-    from .wheels.step import WheelOptions, fetch_only
+    from ..wheels.step import WheelOptions, fetch_only
 
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
                         python=python or sys.executable, all_wheels=all_wheels)
@@ -63,12 +64,13 @@ def lock_group() -> None:
 def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record_url: str | None) -> None:
     """Pin the wheel at SOURCE (a URL or a local file): compute its sha256 and size, read its
     name and version from its metadata, and add or update the entry in the lock."""
-    from .wheels.fetch import FetchConfig, download
-    from .fingerprint import hash_file
-    from .wheels.lock import url_filename
-    from .wheels.check import check_members, read_metadata
+    from .. import safeio
+    from ..wheels.fetch import CEILING_VAR, FetchConfig, download, max_wheel_bytes
+    from ..fingerprint import hash_file
+    from ..wheels.lock import url_filename
+    from ..wheels.check import check_members, read_metadata
 
-    lock_path = lock_path or default_lock()
+    lock_path = refuse_writing_into_package(lock_path or default_lock(), "--lock FILE")
     local = Path(source)
     with tempfile.TemporaryDirectory(prefix="m3fuse-lock-") as d:
         if "://" not in source:
@@ -78,7 +80,6 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
             path = local.resolve()
             url = record_url or path.as_uri()
             fname = path.name
-            sha, size = hash_file(path)
         else:
             if record_url:
                 raise UsageProblem(headline="--url only applies to a local FILE",
@@ -95,16 +96,45 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
                 from urllib.request import url2pathname
 
                 path = Path(url2pathname(urlsplit(url).path))
-                sha, size = hash_file(path)
-            else:
-                sha, size = download(url, path, FetchConfig(cache_dir=cache_dir, echo=_echo), label=fname)
+        # The name first: nothing that is not a wheel is read, let alone hashed to its end.
         if not fname.endswith(".whl"):
             raise UsageProblem(headline=f"{source} does not name a .whl file", details=[("file name", fname)],
                                hint="pin a wheel (.whl); m3fuse installs no source distributions")
+        if path.parent == Path(d):
+            sha, size = download(url, path, FetchConfig(cache_dir=cache_dir, echo=_echo), label=fname)
+        else:
+            try:
+                sha, size = hash_file(path, max_wheel_bytes())
+            except safeio.Unsafe as exc:
+                raise safeio.refusal(exc, nothing="the lock was not changed",
+                                     hint=f"pin a wheel file (at most {max_wheel_bytes()} bytes; raise "
+                                          f"{CEILING_VAR} for a larger one)") from None
+            except OSError as exc:
+                raise UsageProblem(headline=f"cannot read {path}", details=[("error", str(exc.strerror or exc))],
+                                   hint="pass a readable .whl file") from None
         check_members(path)
         name, version = read_metadata(path)
-    action = add_wheel(lock_path, name, version, LockedWheel(fname, url, sha, size))
+        from ..wheels.fit import wheel_facts  # what the plan judges this pin by before any download
+        from ..resources import patches_dir
+
+        facts = wheel_facts(path, name, version, sha, patches_dir())
+    _warn_unusual_pin(lock_path, name, url)
+    action = add_wheel(lock_path, name, version, LockedWheel(fname, url, sha, size), facts=facts)
     click.echo(f"{action}: {name} {version} {fname} sha256={sha} size={size} in {lock_path}")
+
+
+def _warn_unusual_pin(lock_path: Path, name: str, url: str) -> None:
+    """What `lock add` accepts but a user rarely means: a pin only this machine can fetch, and a
+    distribution m3fuse's lock did not pin before (a typo'd or unrelated wheel)."""
+    from packaging.utils import canonicalize_name
+
+    if url.lower().startswith("file:"):
+        _echo(f"m3fuse: warning: {url} is a file:// URL: only this machine can fetch it (and only while the "
+              f"file exists); pass --url with the address others download it from")
+    pinned = [p.name for p in load_lock(lock_path, spec=False).packages] if lock_path.is_file() else []
+    if pinned and canonicalize_name(name) not in {canonicalize_name(n) for n in pinned}:
+        _echo(f"m3fuse: warning: {lock_path} pins no {name} yet (it pins {', '.join(pinned)}); m3fuse installs "
+              f"every distribution of the lock, so {name} will be installed too")
 
 
 @lock_group.command("check")
@@ -113,11 +143,14 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
 @click.option("--write-sizes", is_flag=True, help="Record the verified size of wheels the lock gives none for.")
 def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool) -> None:
     """Download every pinned wheel again (bypassing the cache) and confirm hash and size."""
-    from .wheels.fetch import FetchConfig, download, local_source, mismatch_error, mismatch_rows
-    from .fingerprint import hash_file
-    from .wheels.lock import set_size
+    from .. import safeio
+    from ..wheels.fetch import FetchConfig, download, local_source, max_wheel_bytes, mismatch_error, mismatch_rows
+    from ..fingerprint import hash_file
+    from ..wheels.lock import set_size
 
     lock_path = lock_path or default_lock()
+    if write_sizes:
+        refuse_writing_into_package(lock_path, "--lock FILE")
     lock = load_lock(lock_path)
     cfg = FetchConfig(cache_dir=cache_dir, echo=_echo)
     bad: list = []
@@ -131,7 +164,12 @@ def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool
                     if src is not None:
                         if not src.is_file():
                             raise EnvironmentProblem(headline=f"{src} does not exist")
-                        sha, size = hash_file(src)
+                        try:
+                            sha, size = hash_file(src, w.size if w.size is not None else max_wheel_bytes())
+                        except safeio.TooLarge:
+                            sha, size = "", -1  # past the pinned size: a mismatch, shown without its figures
+                        except safeio.Unsafe as exc:
+                            raise EnvironmentProblem(headline=f"{src}: {exc.reason}") from None
                     else:
                         sha, size = download(w.url, tmp, cfg, label=w.name, expected_size=w.size)
                 except EnvironmentProblem as exc:
@@ -141,7 +179,7 @@ def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool
                 finally:
                     tmp.unlink(missing_ok=True)
                 if sha != w.sha256 or (w.size is not None and size != w.size):
-                    bad += mismatch_rows(w, w.url, sha, size)
+                    bad += mismatch_rows(w, w.url, sha, size, reveal=src is None or src.name == w.name)
                     click.echo(f"MISMATCH {w.name}")
                     continue
                 click.echo(f"ok {w.name} sha256={sha} size={size}")

@@ -1,0 +1,33 @@
+"""Path options made absolute where they enter m3fuse, once.
+
+Every path the user types is relative to the directory m3fuse was started in; m3fuse runs
+children elsewhere (pip in a temp folder, interpreter queries in "/"), so a relative path that
+reached them would name another file. The options convert to absolute paths on parse; symlinks
+are kept (a venv's bin/python is a symlink whose own location is what makes it that venv).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..target import resolve_python
+
+
+class AbsPath(click.Path):
+    """click.Path that returns an absolute `Path`, without resolving symlinks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        got = super().convert(value, param, ctx)
+        return Path(os.path.abspath(got))
+
+
+def absolute_python(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--python: a path against the current directory, a bare name through PATH."""
+    return resolve_python(value) if value else value
