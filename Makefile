@@ -16,7 +16,7 @@ $(TEST_VENV)/.ready: pyproject.toml
 # rest, and tests/test_image.py fails with the reason.
 test: $(TEST_VENV)/.ready
 	-bash tools/container-tools.sh
-	$(TEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(TEST_VENV)/bin/python -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 stress: $(TEST_VENV)/.ready
 	M3FUSE_STRESS=full $(TEST_VENV)/bin/python -m pytest -q -m stress $(PYTEST_ARGS)

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+import wheelkit
+
 from conftest import REPO, run_cli, snapshot
 from m3fuse.errors import EXIT_DRIFT, EXIT_ENVIRONMENT
 from m3fuse.wheels.needs import AITER, NEEDS_FILE
 from test_wheelplan import server  # noqa: F401 - the loopback server fixture
 from venvs import site_packages
-from wheelkit import (FaultServer, aiter_build, aiter_wheel, build_wheel, clone_venv, installed, lock_text, make_venv,
-                      needed_modules)
+from wheelkit import FaultServer, aiter_build, aiter_wheel, clone_venv, installed, make_venv, needed_modules
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,8 @@ def venv(template, tmp_path):
 
 
 def served_lock(tmp_path: Path, srv: FaultServer) -> Path:
-    w = tmp_path / "wheels"
-    fly = build_wheel(w, "flydsl", FLY, {"flydsl/__init__.py": ""})
-    pin = aiter_wheel(w, PIN)
-    lock = tmp_path / "test.lock"
-    lock.write_text(lock_text([srv.pin("flydsl", FLY, fly),
-                               srv.pin("amd-aiter", PIN, pin)]) + shipped_facts())
-    return lock
+    return wheelkit.served_lock(tmp_path, srv, fly=("flydsl", FLY, {"flydsl/__init__.py": ""}), aiter=PIN,
+                                extra=shipped_facts())
 
 
 def pip_install(py: Path, wheel: Path) -> None:

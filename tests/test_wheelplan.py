@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import wheelkit
+
 from conftest import run_cli
 from m3fuse.errors import EXIT_ENVIRONMENT
-from wheelkit import (FaultServer, aiter_wheel, build_wheel, installed, lock_text, make_system_python, make_venv)
+from wheelkit import FaultServer, aiter_wheel, build_wheel, installed, make_system_python, make_venv
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +29,8 @@ def server():
 
 
 def served_lock(tmp_path: Path, srv: FaultServer) -> Path:
-    w = tmp_path / "wheels"
-    fly = build_wheel(w, "demo-fly", FLY_V, {"demo_fly/__init__.py": "X = 1\n"})
-    aiter = aiter_wheel(w, AITER_PIN)
-    lock = tmp_path / "test.lock"
-    lock.write_text(lock_text([srv.pin("demo-fly", FLY_V, fly),
-                               srv.pin("amd-aiter", AITER_PIN, aiter)]))
-    return lock
+    return wheelkit.served_lock(tmp_path, srv, fly=("demo-fly", FLY_V, {"demo_fly/__init__.py": "X = 1\n"}),
+                                aiter=AITER_PIN)
 
 
 def install(lock: Path, py: Path, tmp_path: Path, *extra: str):

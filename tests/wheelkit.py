@@ -270,6 +270,18 @@ class FaultServer:
         self.files[f"/wheels/{name}"].plan = list(plan)
 
 
+def served_lock(tmp_path: Path, srv: FaultServer, *, fly: tuple[str, str, dict[str, bytes | str]],
+                aiter: str, extra: str = "") -> Path:
+    """A lock in tmp_path pinning a FlyDSL stand-in (name, version, files) and an AITER stand-in,
+    both served by `srv`; `extra` is appended (a [tool.m3fuse] table, say)."""
+    w = tmp_path / "wheels"
+    name, version, files = fly
+    fly_wheel = build_wheel(w, name, version, files)
+    lock = tmp_path / "test.lock"
+    lock.write_text(lock_text([srv.pin(name, version, fly_wheel),
+                               srv.pin("amd-aiter", aiter, aiter_wheel(w, aiter))]) + extra)
+    return lock
+
 # -------------------------------------------------------------------------------- venvs
 
 
