@@ -35,6 +35,8 @@ MOE_LAYER = "vllm/model_executor/layers/fused_moe/layer.py"
 MOE_RUNNER = "vllm/model_executor/layers/fused_moe/runner/moe_runner.py"
 COMPILATION = "vllm/config/compilation.py"
 CUDA_COMMUNICATOR = "vllm/distributed/device_communicators/cuda_communicator.py"
+RELOAD_INPLACE = "vllm/model_executor/model_loader/reload/inplace.py"
+WEIGHT_UTILS = "vllm/model_executor/model_loader/weight_utils.py"
 FIRST_M3_RELEASE = "0.24.0"
 # Config fields a layer plan may read that 0.24.0's (moe_layer_freq, sparse_attention_config) did not.
 LAYER_PLAN_FIELDS = frozenset({"layer_types", "mlp_layer_types"})
@@ -268,6 +270,27 @@ def aiter_all_gather(r: Release) -> bool:
     """The TP device communicator sends all-gathers (the logits, every step) to AITER's
     `all_gather_unreg` (0.34+), so ROCm/aiter#4082 is in the set's defect table."""
     return "all_gather_unreg" in _calls(r.tree(CUDA_COMMUNICATOR))
+
+
+@fact
+def reload_hooks(r: Release) -> bool:
+    """The in-place reload ends in `finalize_model_weights`, which calls every module's
+    `process_weights_after_loading()`, on both of its paths: the kernel-format one
+    (`is_checkpoint_format=False`: `param.copy_`, past any weight loader) too (0.34+). Then the
+    norm's hook refreshes the cached `weight + 1` before any graph replays."""
+    if RELOAD_INPLACE not in r.members():
+        return False
+    reload = [n for n in r.tree(RELOAD_INPLACE).body if isinstance(n, ast.FunctionDef) and n.name == "reload_weights"]
+    if len(reload) != 1:
+        raise FactError(f"expected one reload_weights in {RELOAD_INPLACE}, found {len(reload)}")
+    finalize = [n for n in r.tree(WEIGHT_UTILS).body
+                if isinstance(n, ast.FunctionDef) and n.name == "finalize_model_weights"]
+    walks = bool(finalize) and "process_weights_after_loading" in ast.unparse(finalize[0])
+    kernel_path = [n for n in ast.walk(reload[0]) if isinstance(n, ast.If)
+                   and ast.unparse(n.test) == "is_checkpoint_format"]
+    ends = len(kernel_path) == 1 and "finalize_model_weights" in _calls(ast.Module(kernel_path[0].orelse, []))
+    return _one_design(("weight_utils.finalize_model_weights calls process_weights_after_loading", walks),
+                       ("reload_weights' kernel-format path calls finalize_model_weights", ends))
 
 
 @fact

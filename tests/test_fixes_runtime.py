@@ -143,6 +143,72 @@ def test_weight_loader_refreshes_before_any_eager_call(fs):
     assert torch.equal(gamma, expected)
 
 
+# finalize_model_weights' lazy imports name vLLM layers that do not import on this CPU. For a
+# tree of norms they answer: no deferred attention layer, no quant method, no device move.
+FINALIZE_IMPORTS = {
+    "vllm.model_executor.layers.attention": {"is_deferred_attention_layer": lambda module: False},
+    "vllm.model_executor.layers.quantization.base_config": {"QuantizeMethodBase": type("QuantizeMethodBase", (), {})},
+    "vllm.model_executor.model_loader.utils": {"device_loading_context": lambda module, device: contextlib.nullcontext()},
+}
+
+
+@contextlib.contextmanager
+def finalize_imports():
+    """FINALIZE_IMPORTS as modules in sys.modules (their parents too), removed afterwards."""
+    import sys
+
+    names = sorted({".".join(m.split(".")[:i + 1]) for m in FINALIZE_IMPORTS for i in range(m.count(".") + 1)})
+    saved = {n: sys.modules.get(n) for n in names}
+    try:
+        for n in names:
+            mod = types.ModuleType(n)
+            mod.__path__ = []  # a package, so its children import
+            mod.__dict__.update(FINALIZE_IMPORTS.get(n, {}))
+            sys.modules[n] = mod
+        yield
+    finally:
+        for n, old in saved.items():
+            if old is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = old
+
+
+def release_finalize_model_weights(fs):
+    """The release's own `finalize_model_weights` (weight_utils.py), compiled from its wheel."""
+    import collections.abc
+
+    tree = ast.parse(release_bytes(fs.version, WEIGHT_UTILS).decode())
+    g = {"torch": torch, "Iterable": collections.abc.Iterable}
+    compile_nodes([top_level(tree, "finalize_model_weights")], g, f"<{fs.version}>/{WEIGHT_UTILS}")
+    return g["finalize_model_weights"]
+
+
+@rows(lambda r: r.reload_hooks)
+def test_a_kernel_format_reload_refreshes_gamma_before_any_eager_call(fs):
+    """reload_weights(is_checkpoint_format=False) writes `param.copy_` past the weight loader and
+    then (0.34+, fact reload_hooks) runs the release's finalize_model_weights over the model. The
+    norm's process_weights_after_loading must rewrite the cached `weight + 1` in place there: a
+    graph replayed next runs no Python, so no eager check would catch the change."""
+    partials, residual, weight = make_inputs(2, seed=25)
+    new_weight = 0.3 * torch.randn(H, generator=torch.Generator().manual_seed(26))
+    with Stage(fs, SimTP(2), mode="fused") as st:
+        helper, cls, _ = real_norm_class(fs, st)
+        helper.initialize_m3_aiter_allreduce()
+        norm = new_norm(weight, cls=cls)
+        run_helper(st, helper, partials, residual, norm)
+        before = _gamma_ptrs(norm)
+        model = torch.nn.Sequential(torch.nn.Sequential(norm), torch.nn.Identity())
+        with torch.no_grad():
+            norm.weight.copy_(new_weight.to(norm.weight.dtype))  # inplace.py's kernel-format write
+        with finalize_imports():
+            release_finalize_model_weights(fs)(model)
+        (gamma,) = norm.__dict__["_m3fuse_gamma"].values()
+        assert _gamma_ptrs(norm) == before, "the cached gamma was replaced, not rewritten in place"
+    expected = (new_weight.to(torch.bfloat16).float() + 1.0).to(torch.bfloat16)
+    assert torch.equal(gamma, expected), "the reload's hooks left the fused path's weight + 1 stale"
+
+
 @rows(lambda r: r.aiter_api == "wrapper" or r.aiter_api == "raw")
 @pytest.mark.parametrize("world", [3, 6])
 def test_fused_refuses_a_world_size_the_fused_kernel_cannot_run(fs, world):
