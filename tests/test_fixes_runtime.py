@@ -126,21 +126,33 @@ def test_gamma_follows_a_weight_update_in_place(fs, how):
     assert_matches(control, ref)
 
 
-@all_rows
-def test_weight_loader_refreshes_before_any_eager_call(fs):
-    """The loader path (every load_weights write) refreshes the cached tensor itself, so a graph
-    replayed right after the update (no Python runs then) reads the new `weight + 1`."""
-    partials, residual, weight = make_inputs(2, seed=23)
-    new_weight = 0.4 * torch.randn(H, generator=torch.Generator().manual_seed(24))
+@contextlib.contextmanager
+def norm_with_cached_gamma(fs, seed: int):
+    """The set's patched norm in a fused TP-2 stage, after one fused call cached its gamma:
+    yields (norm, the release's default_weight_loader)."""
+    partials, residual, weight = make_inputs(2, seed=seed)
     with Stage(fs, SimTP(2), mode="fused") as st:
         helper, cls, default_loader = real_norm_class(fs, st)
         helper.initialize_m3_aiter_allreduce()
         norm = new_norm(weight, cls=cls)
         run_helper(st, helper, partials, residual, norm)
+        yield norm, default_loader
+
+
+def gamma_for(weight: torch.Tensor) -> torch.Tensor:
+    """The `weight + 1` the fused path must hold for a bf16 norm weight."""
+    return (weight.to(torch.bfloat16).float() + 1.0).to(torch.bfloat16)
+
+
+@all_rows
+def test_weight_loader_refreshes_before_any_eager_call(fs):
+    """The loader path (every load_weights write) refreshes the cached tensor itself, so a graph
+    replayed right after the update (no Python runs then) reads the new `weight + 1`."""
+    new_weight = 0.4 * torch.randn(H, generator=torch.Generator().manual_seed(24))
+    with norm_with_cached_gamma(fs, seed=23) as (norm, default_loader):
         vllm_load(norm.weight, new_weight.to(norm.weight.dtype), default_loader)
         (gamma,) = norm.__dict__["_m3fuse_gamma"].values()
-    expected = (new_weight.to(torch.bfloat16).float() + 1.0).to(torch.bfloat16)
-    assert torch.equal(gamma, expected)
+    assert torch.equal(gamma, gamma_for(new_weight))
 
 
 # finalize_model_weights' lazy imports name vLLM layers that do not import on this CPU. For a
@@ -190,13 +202,8 @@ def test_a_kernel_format_reload_refreshes_gamma_before_any_eager_call(fs):
     then (0.34+, fact reload_hooks) runs the release's finalize_model_weights over the model. The
     norm's process_weights_after_loading must rewrite the cached `weight + 1` in place there: a
     graph replayed next runs no Python, so no eager check would catch the change."""
-    partials, residual, weight = make_inputs(2, seed=25)
     new_weight = 0.3 * torch.randn(H, generator=torch.Generator().manual_seed(26))
-    with Stage(fs, SimTP(2), mode="fused") as st:
-        helper, cls, _ = real_norm_class(fs, st)
-        helper.initialize_m3_aiter_allreduce()
-        norm = new_norm(weight, cls=cls)
-        run_helper(st, helper, partials, residual, norm)
+    with norm_with_cached_gamma(fs, seed=25) as (norm, _):
         before = _gamma_ptrs(norm)
         model = torch.nn.Sequential(torch.nn.Sequential(norm), torch.nn.Identity())
         with torch.no_grad():
@@ -205,8 +212,7 @@ def test_a_kernel_format_reload_refreshes_gamma_before_any_eager_call(fs):
             release_finalize_model_weights(fs)(model)
         (gamma,) = norm.__dict__["_m3fuse_gamma"].values()
         assert _gamma_ptrs(norm) == before, "the cached gamma was replaced, not rewritten in place"
-    expected = (new_weight.to(torch.bfloat16).float() + 1.0).to(torch.bfloat16)
-    assert torch.equal(gamma, expected), "the reload's hooks left the fused path's weight + 1 stale"
+    assert torch.equal(gamma, gamma_for(new_weight)), "the reload's hooks left the fused path's weight + 1 stale"
 
 
 @rows(lambda r: r.aiter_api == "wrapper" or r.aiter_api == "raw")
