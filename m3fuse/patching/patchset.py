@@ -54,14 +54,19 @@ class PatchSet:
         return self
 
 
-def _read_diff(patch_path: Path, rel: str) -> FileDiff:
+def _read_set_file(path: Path, a_kind: str, the_kind: str, unreadable_hint: str = "") -> bytes:
+    """A set's file (diff or manifest), bounded and regular only; PatchSetError otherwise."""
     try:
-        raw_patch = safeio.read_regular(patch_path, safeio.MAX_SET_FILE)
+        return safeio.read_regular(path, safeio.MAX_SET_FILE)
     except safeio.Unsafe as exc:
-        raise PatchSetError(f"{patch_path}: {exc.reason}; a patch file is a small text file. Restore it "
-                            f"from the m3fuse release.") from None
+        raise PatchSetError(f"{path}: {exc.reason}; {a_kind} is a small text file. Restore it from the "
+                            f"m3fuse release.") from None
     except OSError as exc:
-        raise PatchSetError(f"{patch_path}: cannot read this patch file ({exc.strerror}).") from exc
+        raise PatchSetError(f"{path}: cannot read {the_kind} ({exc.strerror}).{unreadable_hint}") from exc
+
+
+def _read_diff(patch_path: Path, rel: str) -> FileDiff:
+    raw_patch = _read_set_file(patch_path, "a patch file", "this patch file")
     try:
         text = raw_patch.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -112,14 +117,8 @@ def _optional_str(table: dict, key: str, where: str) -> str | None:
 def load_patchset(folder: Path) -> PatchSet:
     manifest_path = folder / MANIFEST
     where = str(manifest_path)
-    try:
-        raw = safeio.read_regular(manifest_path, safeio.MAX_SET_FILE)
-    except safeio.Unsafe as exc:
-        raise PatchSetError(f"{where}: {exc.reason}; a manifest is a small text file. Restore it from the "
-                            f"m3fuse release.") from None
-    except OSError as exc:
-        raise PatchSetError(f"{where}: cannot read the manifest ({exc.strerror}). Every folder under "
-                            f"patches/ needs a manifest.toml.") from exc
+    raw = _read_set_file(manifest_path, "a manifest", "the manifest",
+                         " Every folder under patches/ needs a manifest.toml.")
     try:
         data = loads(raw)
     except TOMLDecodeError as exc:
