@@ -328,6 +328,27 @@ def model_standins(r: Release) -> list[str]:
     return sorted(free & (set(EXTRA_STANDINS) | new_in_helper))
 
 
+@fact
+def layer_output_readers(r: Release) -> list[str]:
+    """Every reader of a decoder layer's output or residual in the release's ROCm model package
+    (m3fuse/patching/readers.py: loops, decode paths, PP hand-off, hooks, other files such as
+    mono/runner.py). Each set declares how it handles each one (patches/<set>/readers.toml;
+    tests/test_readers.py); a new reader upstream shows here and fails there until declared."""
+    from m3fuse.patching import readers
+
+    return sorted(readers.reader_keys(readers.derive_package(package_texts(r.version))))
+
+
+@functools.cache
+def package_texts(version: str) -> dict[str, str]:
+    """The release's ROCm model package: path -> text of every .py member."""
+    from fusion_harness import release_bytes, release_members
+    from m3fuse.patching import readers
+
+    return {m: release_bytes(version, m).decode() for m in sorted(release_members(version))
+            if m.startswith(readers.PACKAGE) and m.endswith(".py")}
+
+
 def _one_design(a: tuple[str, bool], b: tuple[str, bool]) -> bool:
     """Two signs of one design, which a release has both or neither of; else a FactError."""
     if a[1] is not b[1]:

@@ -61,6 +61,12 @@ MUTANTS: list[Mutant] = [
     Mutant("eagle3-capture-not-reduced", MODEL, CAPTURE_REDUCE, "                    partial = False\n",
            ((tm.test_patched_forward_matches_pristine_and_float64, (2, AUX)),
             (tm.test_model_forward_structure, ()))),
+    # Issue 24: a new reader of every layer's output, merged into upstream's loop only.
+    Mutant("new-reader-in-upstreams-loop-only", MODEL,
+           "                hidden_states, residual = layer(positions, hidden_states, residual)\n",
+           "                hidden_states, residual = layer(positions, hidden_states, residual)\n"
+           "                self._maybe_extract_hidden_state(extracted, idx + 1, hidden_states)\n",
+           ((tm.test_model_forward_structure, ()),)),
     Mutant("use-1stage-true", HELPER, "        use_1stage=False,\n    )", "        use_1stage=True,\n    )",
            ((tm.test_aiter_call_arguments_and_registered_follows_capture, ()),
             (tm.test_helper_modes_match_float64_reference, (2, "fused")))),

@@ -32,6 +32,7 @@ from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
 from .patchset import MANIFEST, PatchSet, Target, load_all, load_patchset
 from .port import MARKERS, MergedFile, _prove_set, merge_file
+from .readers import READERS_FILE
 from .portfs import MARKER, STAGE_MARK, clean_stages, mark, unmark, write_folder
 
 RESOLUTION_SUFFIX = ".resolution.diff"
@@ -186,7 +187,7 @@ def derive(s: PatchSet, by_name: dict[str, PatchSet], source: BaseSource) -> tup
 
 
 # A set's files that `m3fuse port` does not make; a refresh keeps them as they are.
-CARRIED = frozenset({NEEDS_FILE})
+CARRIED = frozenset({NEEDS_FILE, READERS_FILE})
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:

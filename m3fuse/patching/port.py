@@ -32,7 +32,7 @@ from .. import resources, safeio
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, UnsupportedError, UsageProblem
 from ..fingerprint import record_hashes_for, sha256_bytes
 from ..target import VllmTarget
-from . import atomic, engine, mutex, portfs, setwriter
+from . import atomic, engine, mutex, portfs, readers, setwriter
 from .hunks import apply_diff, split_lines
 from .patchset import PatchSet, Target, check_relative_path, load_patchset, resolve_inside
 
@@ -271,9 +271,9 @@ def _prove_set(files: list[MergedFile]) -> Callable[[Path], None]:
 
 
 def write_set(out: Path, name: str, versions: list[str], summary: str, files: list[MergedFile],
-              ported_from: str, *, lock_timeout: float) -> Path:
+              ported_from: str, *, lock_timeout: float, extra: dict[str, bytes] | None = None) -> Path:
     changes = [setwriter.FileChange(f.path, f.pristine, f.merged, f.ported_from) for f in files]
-    rendered = setwriter.render(name, versions, summary, changes, ported_from=ported_from)
+    rendered = {**setwriter.render(name, versions, summary, changes, ported_from=ported_from), **(extra or {})}
     out.mkdir(parents=True, exist_ok=True)
     # No more readable than what it was made from (a work folder's 0600 file stays private).
     mode = 0o644
@@ -353,8 +353,9 @@ def port(req: PortRequest, echo: Callable[[str], None] = lambda _: None) -> Port
         if not all(f.clean for f in files):
             raise conflict_error(result)
         return result
+    # The base's reader declarations come along; the tests check them against this release.
     result.set_dir = write_set(req.out, req.name, versions, summary, files, ported_from,
-                               lock_timeout=req.lock_timeout)
+                               lock_timeout=req.lock_timeout, extra=readers.base_copy(primary.folder))
     return result
 
 
@@ -432,7 +433,9 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
                             details=[("left", p) for p in problems],
                             hint=f"fix these in {workdir}/merged/, then run `m3fuse port --resume {workdir}` again")
     result = PortResult(name, versions, files, workdir=workdir)
-    result.set_dir = write_set(out, name, versions, summary, files, ported_from, lock_timeout=lock_timeout)
+    base = next((s for s in sets if s.name == ported_from), None)
+    result.set_dir = write_set(out, name, versions, summary, files, ported_from, lock_timeout=lock_timeout,
+                               extra=readers.base_copy(base.folder) if base else {})
     return result
 
 

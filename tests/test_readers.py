@@ -1,0 +1,242 @@
+"""Readers of a layer's output, derived from each release (m3fuse/patching/readers.py), against
+each set's declarations (patches/<set>/readers.toml), and the set's copy of the layer loop
+against upstream's.
+
+Per row: every reader the release's ROCm model package has (pristine) and the set's patched
+model has is declared, with a handling the patched code keeps; the set's deferred loop has a
+counterpart of every statement of upstream's. Then the held-out port of issue 24, simulated on
+every row: a new reader of the layer output merged into upstream's loops only fails, naming the
+reader and its file:line; read before the reduction it fails; placed after the reduction (and
+declared) it passes. A rename of a local variable throughout upstream's model changes nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+
+import pytest
+
+import fusion_facts
+import realvllm
+from fusion_harness import patched_text, pristine_text
+from fusion_matrix import ROWS, Row
+from m3fuse.errors import PatchSetError
+from m3fuse.patching import readers
+
+MODEL = realvllm.MODEL
+all_rows = pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)
+
+
+def reader_problems(fs: Row, model: str | None = None, pristine_model: str | None = None,
+                    decl: readers.Declarations | None = None) -> list[str]:
+    """The readers check of a row: the set's patched model (or `model`) against the release's
+    package (its model replaced by `pristine_model` when given)."""
+    files = fusion_facts.package_texts(fs.version)
+    decl = decl if decl is not None else readers.load_declarations(fs.dir)
+    up = _others(fs.version) + readers.derive(pristine_model if pristine_model is not None else files[MODEL], MODEL)
+    ours = _others(fs.version) + readers.derive(model if model is not None else patched_text(fs, MODEL), MODEL)
+    return readers.check(up, ours, decl, where=f"patches/{fs.name}/{readers.READERS_FILE}")
+
+
+@functools.cache
+def _others(version: str) -> list[readers.Read]:
+    """The readers in the package's files other than the model (no set patches them)."""
+    files = fusion_facts.package_texts(version)
+    return [r for r in readers.derive_package(files) if r.file != MODEL]
+
+
+def drift(fs: Row, model: str | None = None, pristine_model: str | None = None,
+          decl: readers.Declarations | None = None) -> list[str]:
+    decl = decl if decl is not None else readers.load_declarations(fs.dir)
+    return readers.loop_drift(pristine_model if pristine_model is not None else pristine_text(fs, MODEL),
+                              model if model is not None else patched_text(fs, MODEL), decl)
+
+
+# ============================================================== the shipped sets
+@all_rows
+def test_every_reader_of_a_layer_output_is_declared_and_handled(fs):
+    assert reader_problems(fs) == []
+
+
+@all_rows
+def test_the_sets_loop_has_every_statement_of_upstreams(fs):
+    assert drift(fs) == []
+
+
+@all_rows
+def test_the_facts_list_the_readers_the_set_declares(fs):
+    """The derived fact (tests/fusion_facts.json) and the declarations name the same readers of
+    the release (the patched file adds only the set's reducers)."""
+    decl = readers.load_declarations(fs.dir)
+    assert sorted(decl.readers) == list(fs.layer_output_readers)
+    assert readers.LAYER in fs.layer_output_readers and "self.norm" in fs.layer_output_readers
+
+
+# ============================================================== the held-out port, simulated
+EXTRACT = "self._maybe_extract_hidden_state(extracted, idx + 1, hidden_states)"
+
+
+def _stmt_at(tree: ast.Module, line: int) -> ast.stmt:
+    """The innermost statement spanning `line`."""
+    spans = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and n.lineno <= line <= n.end_lineno]
+    return min(spans, key=lambda n: n.end_lineno - n.lineno)
+
+
+def _insert_after(text: str, lines: list[int], stmt: str) -> str:
+    """`stmt` after the statement at each of `lines`, with that statement's indentation."""
+    tree = ast.parse(text)
+    ends = {}
+    for line in lines:
+        node = _stmt_at(tree, line)
+        ends[node.end_lineno] = " " * node.col_offset
+    out = []
+    for i, line in enumerate(text.splitlines(keepends=True), 1):
+        out.append(line)
+        if i in ends:
+            out.append(f"{ends[i]}{stmt}\n")
+    return "".join(out)
+
+
+def _capture_lines(text: str, deferred: bool | None) -> list[int]:
+    """Lines of the EAGLE3 capture hook in the layer loops (the set's deferred one or upstream's)."""
+    return sorted({r.line for r in readers.derive(text) if r.key == "self._maybe_add_hidden_state"
+                   and r.in_layer_loop and (deferred is None or r.in_deferred_loop is deferred)})
+
+
+def _held_out(fs: Row) -> tuple[str, str]:
+    """The release with a new reader of every layer's output in each of its layer loops (a
+    hidden-state extraction, kept like EAGLE3's captures), and the set as a clean merge gives it:
+    the call in upstream's loops only, not in the set's own copy."""
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    new_release = _insert_after(pristine, _capture_lines(pristine, None), EXTRACT)
+    merged = _insert_after(patched, _capture_lines(patched, False), EXTRACT)
+    assert new_release.count(EXTRACT) >= 1 and merged.count(EXTRACT) == new_release.count(EXTRACT)
+    return new_release, merged
+
+
+def _declared_with(fs: Row, key: str, handling: str) -> readers.Declarations:
+    decl = readers.load_declarations(fs.dir)
+    decl.readers[key] = readers.Declaration(key, handling, "issue 24's held-out extraction")
+    return decl
+
+
+@all_rows
+def test_a_new_reader_merged_into_upstreams_loop_only_fails_naming_it(fs):
+    new_release, merged = _held_out(fs)
+    problems = reader_problems(fs, merged, new_release)
+    line = _stmt_at(ast.parse(pristine_text(fs, MODEL)), _capture_lines(pristine_text(fs, MODEL), None)[0]).end_lineno + 1
+    assert any(p.startswith("undeclared reader 'self._maybe_extract_hidden_state'") and f"{MODEL}:{line} " in p
+               for p in problems), problems
+    # the loop comparison names the statement the set's loop lacks
+    gaps = drift(fs, merged, new_release)
+    assert len(gaps) == 1 and EXTRACT in gaps[0] and f"{MODEL}:{line}," in gaps[0], gaps
+    # declared (as the maintainer would), it still fails: the set's loop never calls it
+    decl = _declared_with(fs, "self._maybe_extract_hidden_state", "reduced-before")
+    assert any("never in the set's deferred loop" in p for p in reader_problems(fs, merged, new_release, decl))
+
+
+@all_rows
+def test_a_new_reader_read_before_the_reduction_fails(fs):
+    new_release, merged = _held_out(fs)
+    # The second resolution of the held-out port: the call added to the set's loop, right after
+    # the layer call (before the capture reduction): it reads a per-rank partial sum.
+    layer_line = min(r.line for r in readers.derive(merged) if r.key == readers.LAYER and r.in_deferred_loop)
+    wrong = _insert_after(merged, [layer_line], EXTRACT)
+    decl = _declared_with(fs, "self._maybe_extract_hidden_state", "reduced-before")
+    problems = reader_problems(fs, wrong, new_release, decl)
+    assert any(p.startswith("reader 'self._maybe_extract_hidden_state'") and "no reduction before it" in p
+               for p in problems), problems
+
+
+@all_rows
+def test_a_new_reader_after_the_reduction_passes(fs):
+    new_release, merged = _held_out(fs)
+    # The correct resolution: in the set's loop too, after the capture reduction (extended to the
+    # extracted layers), declared reduced-before.
+    right = _insert_after(merged, _capture_lines(merged, True), EXTRACT)
+    decl = _declared_with(fs, "self._maybe_extract_hidden_state", "reduced-before")
+    assert reader_problems(fs, right, new_release, decl) == []
+    assert drift(fs, right, new_release, decl) == []
+
+
+@all_rows
+def test_a_replaced_upstream_statement_passes_only_when_listed(fs):
+    new_release, merged = _held_out(fs)
+    decl = readers.load_declarations(fs.dir)
+    stmt = next(ast.unparse(n) for n in ast.walk(ast.parse(new_release))
+                if isinstance(n, ast.Expr) and ast.unparse(n) == EXTRACT)
+    decl.replaced[stmt] = readers.Replacement(stmt, "the set extracts after its own reduction")
+    assert drift(fs, merged, new_release, decl) == []
+
+
+# ============================================================== renames, and the declarations' format
+RENAMES = {"hidden_states": "hs", "residual": "resid", "idx": "i", "layer": "blk"}
+
+
+def _rename_locals(text: str, cls: str = "MiniMaxM3Model", fn: str = "forward") -> str:
+    """Every local name of cls.fn renamed (upstream's refactor), the rest of the file as it was."""
+    tree = ast.parse(text)
+    method = next(m for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls
+                  for m in c.body if isinstance(m, ast.FunctionDef) and m.name == fn)
+    lines = text.splitlines(keepends=True)
+    start, end = method.lineno - 1, method.end_lineno
+    body = "".join(lines[start:end])
+    for old, new in RENAMES.items():
+        body = re.sub(rf"(?<![.\w\"']){old}\b(?![\"'=])", new, body)
+    return "".join(lines[:start]) + body + "".join(lines[end:])
+
+
+@all_rows
+def test_a_rename_of_locals_upstream_needs_no_edit(fs):
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    new_release, merged = _rename_locals(pristine), _rename_locals(patched)
+    assert "hs, resid = " in new_release and "hs, resid = " in merged
+    compile(merged, MODEL, "exec")
+    keys = lambda t: sorted(readers.reader_keys(readers.derive(t)))  # noqa: E731
+    assert keys(new_release) == keys(pristine) and keys(merged) == keys(patched)
+    assert reader_problems(fs, merged, new_release) == []
+    assert drift(fs, merged, new_release) == []
+
+
+def test_a_rename_in_upstreams_loop_only_is_drift():
+    """The set's copy keeps the old name while the rest of the function has the new one: that
+    copy would raise NameError; the comparison sees it."""
+    fs = ROWS[-1]
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    new_release = _rename_locals(pristine)
+    merged = _rename_locals(patched).replace("hs, resid = layer(", "hidden_states, residual = layer(") \
+        .replace("hs, resid = blk(\n", "hidden_states, residual = blk(\n")
+    assert drift(fs, merged, new_release) != []
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[[reader]]\nreader = 'x'\nhandling = 'maybe'\nreason = 'r'\n", "handling 'maybe'"),
+    ("[[reader]]\nreader = 'x'\nhandling = 'unreachable'\nreason = ' '\n", "the reason is empty"),
+    ("[[reader]]\nreader = 'x'\nhandling = 'unreachable'\n", "exactly the strings reader, handling, reason"),
+    ("[[reader]]\nreader = 'x'\nhandling = 'unreachable'\nreason = 'r'\n" * 2, "declared twice"),
+    ("[[replaced]]\nstatement = 'x'\n", "exactly the non-empty strings statement, reason"),
+    ("[other]\n", "unknown table"),
+    ("[[reader]\n", "not valid TOML"),
+])
+def test_malformed_declarations_are_refused_naming_the_file(text, words):
+    with pytest.raises(PatchSetError) as exc:
+        readers.parse_declarations(text, "patches/x/readers.toml")
+    assert str(exc.value).startswith("patches/x/readers.toml: ") and words in str(exc.value)
+
+
+def test_a_missing_or_unsafe_declarations_file_is_refused(tmp_path):
+    with pytest.raises(PatchSetError, match="missing.*copy the base set's readers.toml"):
+        readers.load_declarations(tmp_path)
+    (tmp_path / "elsewhere").write_text("")
+    (tmp_path / readers.READERS_FILE).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PatchSetError, match="readers.toml"):
+        readers.load_declarations(tmp_path)
+
+
+def test_a_stale_declaration_fails():
+    fs = ROWS[0]
+    decl = readers.load_declarations(fs.dir)
+    decl.readers["self.gone"] = readers.Declaration("self.gone", "unreachable", "was there once")
+    assert any("'self.gone' is declared but no longer derived" in p for p in reader_problems(fs, decl=decl))
