@@ -139,6 +139,19 @@ def base_image(podman: Podman, vllm_version: str) -> str:
     return ref
 
 
+def place_in_context(wheel: Path, ctx: Path) -> Path:
+    """The wheel as a regular file in the build context (linked, else copied). A cache entry may
+    be a symlink (a wheel built elsewhere, docs/releases.md): the build cannot follow a link out
+    of its context, so the link is resolved first."""
+    real = wheel.resolve(strict=True)
+    dest = ctx / wheel.name
+    try:
+        os.link(real, dest)
+    except OSError:
+        shutil.copy2(real, dest)
+    return dest
+
+
 def _build_base(podman: Podman, ref: str, wheel: Path, suite: str, sources: list[Path], tar: Path) -> None:
     work = podman.root / "base-work"
     work.mkdir()
@@ -154,10 +167,7 @@ def _build_base(podman: Podman, ref: str, wheel: Path, suite: str, sources: list
     rootfs.unlink()
     ctx = work / "ctx"
     ctx.mkdir()
-    try:
-        os.link(wheel, ctx / wheel.name)
-    except OSError:
-        shutil.copy2(wheel, ctx / wheel.name)
+    place_in_context(wheel, ctx)
     (ctx / "Containerfile").write_text(VLLM_LAYER.format(debian=debian, wheel=wheel.name))
     podman.run("build", "--network=none", "--quiet", "--tag", ref, str(ctx))
     podman.run("rmi", debian)

@@ -421,8 +421,7 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
                        f"`m3fuse port --resume {result.workdir}` to write the set.")
         else:
             click.echo("\n".join(porting.describe(result)))
-            click.echo(f"next: `m3fuse port --record-resolutions --patches {dest}` keeps its hand resolutions, "
-                       f"then `python tools/release_facts.py --write` (docs/releases.md)")
+            click.echo(porting.next_steps(result, dest))
         return EXIT_OK
 
     _run(as_json, body)

@@ -57,6 +57,7 @@ class MergedFile:
     conflicts: list[int] = field(default_factory=list)  # 1-based lines of the merged file
     compile_error: str | None = None
     mode: int = 0o644  # permission bits of the file it was read from (the written set keeps no more)
+    base: bytes | None = None  # the base release's pristine file (the work folder's base/, for review)
 
     @property
     def clean(self) -> bool:
@@ -244,7 +245,7 @@ def merge_file(rel: str, base: bytes, ours: bytes, theirs: bytes, *, tree_label:
     if count == 1:
         text = renamed
     conflicts = [i for i, line in enumerate(split_lines(text), 1) if line.startswith("<<<<<<< ")]
-    out = MergedFile(rel, set_name, ours, text.encode("utf-8"), conflicts)
+    out = MergedFile(rel, set_name, ours, text.encode("utf-8"), conflicts, base=base)
     out.compile_error = _compile_error(rel, out.merged) if not conflicts else None
     return out
 
@@ -299,6 +300,8 @@ def write_workdir(workdir: Path, result: PortResult, summary: str, ported_from: 
     for f in result.files:
         files[f"pristine/{f.path}"] = f.pristine
         files[f"merged/{f.path}"] = f.merged
+        if f.base is not None:  # the review's release-to-release diff: `diff -ru base pristine`
+            files[f"base/{f.path}"] = f.base
     workdir.parent.mkdir(parents=True, exist_ok=True)
     with mutex.hold(workdir.parent, timeout=mutex.DEFAULT_TIMEOUT):
         portfs.clean_stages(workdir.parent)
@@ -439,6 +442,16 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
     return result
 
 
+def next_steps(result: PortResult, patches: Path) -> str:
+    """What a maintainer runs after a written port (docs/releases.md's steps 5-6, in order)."""
+    v = result.versions[0] if result.versions else "V"
+    return (f"next: `m3fuse port --record-resolutions --patches {patches}` keeps its hand resolutions, "
+            f"`m3fuse needs {result.set_dir} --vllm <the vllm-{v} wheel>` derives what it needs of AITER, "
+            f"`python tools/release_facts.py --write` its facts; then review it (every reader the tests derive "
+            f"must be declared in {result.set_dir}/{readers.READERS_FILE}; edit the manifest's summary if the "
+            f"set's behaviour changed) (docs/releases.md)")
+
+
 def describe(result: PortResult) -> list[str]:
     """Human lines for a finished port."""
     lines = [f"port: wrote {result.set_dir} ({len(result.files)} file(s), vLLM {', '.join(result.versions)})"]
@@ -446,6 +459,10 @@ def describe(result: PortResult) -> list[str]:
     for f in result.files:
         lines.append(f"  {f.path:<{width}}  from {f.ported_from}  pristine {sha256_bytes(f.pristine)[:12]}  "
                      f"patched {sha256_bytes(f.merged)[:12]}")
+    if result.set_dir is not None:
+        for f in result.files:
+            if f.path == readers.MODEL:
+                lines += [f"warning: {p}" for p in readers.review(f.pristine, f.merged, result.set_dir)]
     lines.append(f"note: {NOT_REVIEWED}")
     return lines
 

@@ -633,3 +633,18 @@ def loop_drift(pristine: str, patched: str, decl: Declarations, rel: str = MODEL
                             f"in the set's loop ({rel}:{ours.lineno}, patched): add it there (reducing first if it reads "
                             f"the layer output) or list it under [[replaced]] in {READERS_FILE} with the reason")
     return problems
+
+
+def review(pristine_model: bytes, merged_model: bytes, folder: Path) -> list[str]:
+    """`port`'s warnings for a written set: the readers check and the loop comparison on the
+    model file alone (port holds no other file of the package, so declarations of other files'
+    readers are not judged here; tests/test_readers.py judges them). Never raises: a file that
+    does not parse or a set without declarations gives one line saying so."""
+    try:
+        decl = load_declarations(folder)
+        old, new = pristine_model.decode("utf-8"), merged_model.decode("utf-8")
+        problems = check(derive(old), derive(new), decl, where=str(Path(folder) / READERS_FILE))
+        problems = [p for p in problems if not ("is declared but no longer derived" in p and ": " in p.split("'")[1])]
+        return problems + loop_drift(old, new, decl)
+    except (PatchSetError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return [f"readers not checked: {exc}"]
