@@ -240,3 +240,35 @@ def test_a_stale_declaration_fails():
     decl = readers.load_declarations(fs.dir)
     decl.readers["self.gone"] = readers.Declaration("self.gone", "unreachable", "was there once")
     assert any("'self.gone' is declared but no longer derived" in p for p in reader_problems(fs, decl=decl))
+
+
+# ============================================================== at port time
+def test_port_carries_the_base_declarations_and_warns_on_an_undeclared_reader(vllm_tree, pristine_trees,
+                                                                              tmp_path):
+    """`m3fuse port` gives the new set its base's readers.toml, keeps the base release's
+    pristine files in the work folder (base/), and checks the merged model: here the base set
+    forgot the EAGLE3 hook, and the port says so with the reader and its file:line."""
+    import shutil
+
+    from conftest import REPO, run_cli
+
+    bases = tmp_path / "bases"
+    shutil.copytree(REPO / "patches" / "vllm-0.26.0", bases / "vllm-0.26.0")
+    decl = bases / "vllm-0.26.0" / readers.READERS_FILE
+    text = decl.read_text()
+    hook = text.index('[[reader]]\nreader = "self._maybe_add_hidden_state"')
+    decl.write_text(text[:hook] + text[text.index("[[reader]]", hook + 1):])
+    root, out, work = vllm_tree("0.28.0"), tmp_path / "out", tmp_path / "work"
+    common = ["--vllm-root", str(root), "--from", "vllm-0.26.0", "--patches", str(bases), "--out", str(out),
+              "--base-root", str(pristine_trees("0.26.0"))]
+    r = run_cli("port", *common, "--name", "vllm-0.28.0", "--workdir", str(work), "--edit")
+    assert r.returncode == 0, r.stderr
+    assert (work / "base" / MODEL).read_bytes() == (pristine_trees("0.26.0") / MODEL).read_bytes()
+    assert (work / "pristine" / MODEL).read_bytes() == (root / MODEL).read_bytes()
+    r = run_cli("port", "--resume", str(work), "--patches", str(bases), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "vllm-0.28.0" / readers.READERS_FILE).read_text() == decl.read_text()
+    line = next(r_.line for r_ in readers.derive((root / MODEL).read_text()) if r_.key == "self._maybe_add_hidden_state")
+    warnings = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: ")]
+    assert warnings and all("'self._maybe_add_hidden_state'" in w for w in warnings), r.stdout
+    assert any(f"{MODEL}:{line} " in w for w in warnings), warnings
