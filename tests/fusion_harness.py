@@ -802,10 +802,12 @@ FFN_CLASSES = ("MiniMaxM3MLP", "MiniMaxM3MoE")
 
 
 def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None, *,
-               helper_source: str | None = None, real_ffn: bool = False) -> ModelWorld:
+               helper_source: str | None = None, real_ffn: bool = False,
+               extra_globals: dict[str, Any] | None = None) -> ModelWorld:
     """Compile the real decoder-layer/model classes of the (patched) model source against
     stand-ins; call inside an active Stage. `model_source` / `helper_source` override the
-    patched texts (tests use them to prove a broken file is caught)."""
+    patched texts (tests use them to prove a broken file is caught); `extra_globals` adds names
+    the source uses (tests/test_reader_values.py: its probe)."""
     helper = load_helper(fs, source=helper_source)
     src = model_source if model_source is not None else patched_text(fs, realvllm.MODEL)
     tree = tree_of(src)
@@ -860,6 +862,7 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None, *,
                                         info=lambda *a, **k: None),
     }
     g.update(_release_standins(fs, stage, helper))
+    g.update(extra_globals or {})
     for name in ("fused_allreduce_gemma_rms_norm", "initialize_m3_aiter_allreduce",
                  "m3_aiter_ar_rms_mode", "m3_defer_ffn_all_reduce", "m3_check_runtime",
                  "m3_off_fallback", "m3_report_run"):

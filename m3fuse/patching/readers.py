@@ -648,3 +648,42 @@ def review(pristine_model: bytes, merged_model: bytes, folder: Path) -> list[str
         return problems + loop_drift(old, new, decl)
     except (PatchSetError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         return [f"readers not checked: {exc}"]
+
+
+# ----------------------------------------------------------------------------- numerical probes (tests)
+def instrument(text: str, probe: str = "__m3_probe__") -> str:
+    """`text` with every derived reader call (not the layer calls, not the set's all-reduce)
+    routed through `probe(key, callee, *args, **kwargs)`, for a harness that compares what each
+    reader produces in the patched model with the release's. The set's fused reducer
+    `fused_allreduce_gemma_rms_norm(out, res, NORM)` stands for the reader NORM (it is that
+    norm, reduced first), so it is probed under NORM's key."""
+    tree = ast.parse(text)
+
+    class _Wrap(ast.NodeTransformer):
+        def __init__(self, walker: _Walker, keys: set[str]):
+            self.w, self.keys = walker, keys
+
+        def visit_Call(self, node: ast.Call) -> ast.AST:
+            self.generic_visit(node)
+            if _is_layer_callee(node.func, self.w.layer_vars, self.w.containers):
+                return node
+            name = _callee_name(node)
+            if name == ALL_REDUCE or name == probe:
+                return node
+            if name == "fused_allreduce_gemma_rms_norm" and len(node.args) == 3:
+                key = self.w._key(_src(node.args[2]))
+            else:
+                key = self.w._key(_src(node.func))
+            if key not in self.keys:
+                return node
+            return ast.copy_location(ast.Call(ast.Name(probe, ast.Load()), [ast.Constant(key), node.func, *node.args],
+                                              node.keywords), node)
+
+    for qualname, fn in _functions(tree):
+        w = _Walker(fn, qualname, MODEL)
+        if not w.layer_vars:
+            continue
+        w.block(fn.body, {})
+        keys = {r.key for r in w.reads.values() if r.key != LAYER and r.key.split("(")[0] not in REDUCERS}
+        _Wrap(w, keys).visit(fn)
+    return ast.unparse(ast.fix_missing_locations(tree))

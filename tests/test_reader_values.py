@@ -1,0 +1,155 @@
+"""Every derived reader of a layer's output, run: what it produces in the patched model equals
+what it produces in the release's own model, in every mode and TP size.
+
+`readers.instrument` routes every reader call that `m3fuse/patching/readers.py` derives from a
+model source (the EAGLE3 hook, the final norm, the PP hand-off, anything new) through a probe,
+in the release's pristine model and in the set's patched one alike; the probe records what the
+call returns and what it appends to a list argument (the hook's captures). The harness
+(tests/fusion_harness.py, simulated TP) runs both; per reader, the sequence of recorded tensors
+must match (off and control bit for bit, fused within bf16). A reader the release adds is
+probed with no test edit; one the set's loop lacks, or feeds a partial sum, differs here.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import realvllm
+import test_fusion_matrix as tm
+from fusion_harness import Stage, ToyConfig, arm_world, build_model, load_model, patched_text, pristine_text, run_forward
+from fusion_matrix import ROWS
+from fusion_standins import SimTP
+from m3fuse.patching import readers
+
+MODEL = realvllm.MODEL
+PROBE = "__m3_probe__"
+EXTRA_READER = "extract_hidden_state"  # a reader the releases do not have (the held-out port's)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    if isinstance(value, dict):
+        return [t for t in value.values() if isinstance(t, torch.Tensor)]
+    return []
+
+
+def probed_run(fs, world: int, mode: str, aux: tuple, source: str) -> list[dict[str, list[list[torch.Tensor]]]]:
+    """Per rank: reader key -> one entry per call, the tensors it returned or appended."""
+    local = threading.local()
+
+    def probe(key, fn, *args, **kwargs):
+        lists = [a for a in (*args, *kwargs.values()) if isinstance(a, list)]
+        sizes = [len(x) for x in lists]
+        out = fn(*args, **kwargs)
+        got = [t for x, n in zip(lists, sizes) for t in x[n:] if isinstance(t, torch.Tensor)] + _tensors(out)
+        local.records.setdefault(key, []).append([t.detach().clone() for t in got])
+        return out
+
+    def extract_hidden_state(store: list, hidden: torch.Tensor) -> None:
+        store.append(hidden.clone())
+
+    config = ToyConfig()
+    with Stage(fs, SimTP(world), mode=mode, **arm_world(fs, mode)) as st:
+        w = load_model(fs, st, model_source=readers.instrument(source, PROBE),
+                       extra_globals={PROBE: probe, EXTRA_READER: extract_hidden_state})
+
+        def rank(r):
+            local.records = {}
+            model = build_model(w, config)
+            model.m3_extracted = []  # the held-out reader's store (below)
+            if aux:
+                model._set_aux_hidden_state_layers(aux)
+            run_forward(w, model, tm._embeds(config.hidden_size), fs)
+            return local.records
+
+        return st.tp.run(rank)
+
+
+def differences(fs, world: int, aux: tuple, pristine: str, patched: str) -> list[str]:
+    """Where a reader's values in the patched model differ from the release's."""
+    base = probed_run(fs, world, "off", aux, pristine)
+    out = []
+    for mode in ("off", "control", "fused"):
+        got = probed_run(fs, world, mode, aux, patched)
+        for r in range(world):
+            if sorted(got[r]) != sorted(base[r]):
+                out.append(f"{mode} rank {r}: readers called {sorted(got[r])}, release {sorted(base[r])}")
+                continue
+            for key in base[r]:
+                mine, theirs = got[r][key], base[r][key]
+                if [len(c) for c in mine] != [len(c) for c in theirs]:
+                    out.append(f"{mode} rank {r}: {key} produced {[len(c) for c in mine]} tensor(s) per call, "
+                               f"release {[len(c) for c in theirs]}")
+                    continue
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    for x, y in zip(a, b):
+                        exact = mode in ("off", "control")
+                        if (exact and not torch.equal(x, y)) or (not exact and tm.rel_err(x, y) >= tm.MODEL_TOL):
+                            out.append(f"{mode} rank {r}: {key} call {i}: rel err {tm.rel_err(x, y):.3g}")
+    return out
+
+
+@pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("aux", [(), (1, 2, 4)], ids=["no-eagle3", "aux-1-2-4"])
+def test_every_derived_reader_sees_the_releases_values(fs, world, aux):
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    probed = {k for k in readers.reader_keys(readers.derive(pristine)) if k != readers.LAYER}
+    assert "self.norm" in probed and "self._maybe_add_hidden_state" in probed
+    assert differences(fs, world, aux, pristine, patched) == []
+
+
+# ------------------------------------------------------------------ the held-out port, run
+EXTRACT = f"{EXTRA_READER}(self.m3_extracted, hidden_states)"
+REDUCE = ("if partial:\n"
+          "    hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n"
+          "    partial = False\n")
+
+
+def _after(text: str, lines: list[int], block: str) -> str:
+    """`block` (lines) after the statement at each of `lines`, indented like it."""
+    from test_readers import _stmt_at
+
+    tree = __import__("ast").parse(text)
+    ends = {}
+    for line in lines:
+        node = _stmt_at(tree, line)
+        ends[node.end_lineno] = " " * node.col_offset
+    out = []
+    for i, ln in enumerate(text.splitlines(keepends=True), 1):
+        out.append(ln)
+        if i in ends:
+            out += [ends[i] + b + "\n" for b in block.splitlines()]
+    return "".join(out)
+
+
+def _captures(text: str, deferred: bool | None) -> list[int]:
+    from test_readers import _capture_lines
+
+    return _capture_lines(text, deferred)
+
+
+@pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)
+def test_a_new_reader_is_run_with_no_test_edit(fs):
+    """The release gains a reader of every layer's output (in each of its loops). Merged into
+    upstream's loops only, the set never calls it while deferring; read right after the layer
+    call it gets a partial sum; after a reduction it gets the release's values."""
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    release = _after(pristine, _captures(pristine, None), EXTRACT)
+    merged = _after(patched, _captures(patched, False), EXTRACT)
+    assert EXTRA_READER in readers.reader_keys(readers.derive(release))
+    gaps = differences(fs, 2, (), release, merged)
+    assert gaps and all(g.startswith(("control", "fused")) for g in gaps), gaps
+    assert any(EXTRA_READER in g for g in gaps), gaps
+    layer_stmt = min(r.line for r in readers.derive(merged) if r.key == readers.LAYER and r.in_deferred_loop)
+    wrong = _after(merged, [layer_stmt], EXTRACT)
+    gaps = differences(fs, 2, (), release, wrong)
+    assert any(f"{EXTRA_READER} call" in g and "rel err" in g for g in gaps), gaps
+    right = _after(merged, _captures(merged, True), REDUCE + EXTRACT)
+    assert differences(fs, 2, (), release, right) == []
