@@ -19,6 +19,7 @@ import torch
 
 import realvllm
 import test_fusion_matrix as tm
+import test_readers
 from fusion_harness import Stage, ToyConfig, arm_world, build_model, load_model, patched_text, pristine_text, run_forward
 from fusion_matrix import ROWS
 from fusion_standins import SimTP
@@ -107,32 +108,15 @@ def test_every_derived_reader_sees_the_releases_values(fs, world, aux):
 
 # ------------------------------------------------------------------ the held-out port, run
 EXTRACT = f"{EXTRA_READER}(self.m3_extracted, hidden_states)"
-REDUCE = ("if partial:\n"
-          "    hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n"
-          "    partial = False\n")
+REDUCE = test_readers.REDUCE
 
 
 def _after(text: str, lines: list[int], block: str) -> str:
-    """`block` (lines) after the statement at each of `lines`, indented like it."""
-    from test_readers import _stmt_at
-
-    tree = __import__("ast").parse(text)
-    ends = {}
-    for line in lines:
-        node = _stmt_at(tree, line)
-        ends[node.end_lineno] = " " * node.col_offset
-    out = []
-    for i, ln in enumerate(text.splitlines(keepends=True), 1):
-        out.append(ln)
-        if i in ends:
-            out += [ends[i] + b + "\n" for b in block.splitlines()]
-    return "".join(out)
+    return test_readers._insert_after(text, lines, block)
 
 
 def _captures(text: str, deferred: bool | None) -> list[int]:
-    from test_readers import _capture_lines
-
-    return _capture_lines(text, deferred)
+    return test_readers._capture_lines(text, deferred)
 
 
 @pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)
@@ -153,3 +137,12 @@ def test_a_new_reader_is_run_with_no_test_edit(fs):
     assert any(f"{EXTRA_READER} call" in g and "rel err" in g for g in gaps), gaps
     right = _after(merged, _captures(merged, True), REDUCE + EXTRACT)
     assert differences(fs, 2, (), release, right) == []
+
+
+@pytest.mark.parametrize("fs", [ROWS[0], ROWS[-1]], ids=lambda r: r.name)
+def test_a_rename_of_locals_upstream_runs_the_same(fs):
+    """Upstream renames locals of the model's forward and of the decoder layer's (both its
+    release and, by a clean merge, the set): the readers are found and run as before."""
+    release = test_readers._rename_locals(pristine_text(fs, MODEL))
+    merged = test_readers._rename_locals(patched_text(fs, MODEL))
+    assert differences(fs, 2, (1, 2, 4), release, merged) == []

@@ -78,6 +78,11 @@ def test_the_facts_list_the_readers_the_set_declares(fs):
 EXTRACT = "self._maybe_extract_hidden_state(extracted, idx + 1, hidden_states)"
 
 
+REDUCE = ("if partial:\n"
+          "    hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n"
+          "    partial = False\n")
+
+
 def _stmt_at(tree: ast.Module, line: int) -> ast.stmt:
     """The innermost statement spanning `line`."""
     spans = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and n.lineno <= line <= n.end_lineno]
@@ -95,7 +100,7 @@ def _insert_after(text: str, lines: list[int], stmt: str) -> str:
     for i, line in enumerate(text.splitlines(keepends=True), 1):
         out.append(line)
         if i in ends:
-            out.append(f"{ends[i]}{stmt}\n")
+            out += [f"{ends[i]}{b}\n" for b in stmt.splitlines()]
     return "".join(out)
 
 
@@ -153,9 +158,10 @@ def test_a_new_reader_read_before_the_reduction_fails(fs):
 @all_rows
 def test_a_new_reader_after_the_reduction_passes(fs):
     new_release, merged = _held_out(fs)
-    # The correct resolution: in the set's loop too, after the capture reduction (extended to the
-    # extracted layers), declared reduced-before.
-    right = _insert_after(merged, _capture_lines(merged, True), EXTRACT)
+    # The correct resolution: in the set's loop too, after a reduction of the output (this
+    # structural check sees that a reduction precedes the read in its block, not under which
+    # condition; tests/test_reader_values.py runs the values), declared reduced-before.
+    right = _insert_after(merged, _capture_lines(merged, True), REDUCE + EXTRACT)
     decl = _declared_with(fs, "self._maybe_extract_hidden_state", "reduced-before")
     assert reader_problems(fs, right, new_release, decl) == []
     assert drift(fs, right, new_release, decl) == []
@@ -172,20 +178,24 @@ def test_a_replaced_upstream_statement_passes_only_when_listed(fs):
 
 
 # ============================================================== renames, and the declarations' format
-RENAMES = {"hidden_states": "hs", "residual": "resid", "idx": "i", "layer": "blk"}
+RENAMES = {("MiniMaxM3Model", "forward"): {"hidden_states": "hs", "residual": "resid", "idx": "i", "layer": "blk"},
+           # the decoder layer's own locals (its parameters are its callers' interface)
+           ("MiniMaxM3DecoderLayer", "forward"): {"ffn": "block_ffn", "attn_input": "attn_in"}}
 
 
-def _rename_locals(text: str, cls: str = "MiniMaxM3Model", fn: str = "forward") -> str:
-    """Every local name of cls.fn renamed (upstream's refactor), the rest of the file as it was."""
-    tree = ast.parse(text)
-    method = next(m for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls
-                  for m in c.body if isinstance(m, ast.FunctionDef) and m.name == fn)
-    lines = text.splitlines(keepends=True)
-    start, end = method.lineno - 1, method.end_lineno
-    body = "".join(lines[start:end])
-    for old, new in RENAMES.items():
-        body = re.sub(rf"(?<![.\w\"']){old}\b(?![\"'=])", new, body)
-    return "".join(lines[:start]) + body + "".join(lines[end:])
+def _rename_locals(text: str, renames: dict = RENAMES) -> str:
+    """Local names of some methods renamed throughout each method (upstream's refactor)."""
+    for (cls, fn), names in renames.items():
+        tree = ast.parse(text)
+        method = next(m for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls
+                      for m in c.body if isinstance(m, ast.FunctionDef) and m.name == fn)
+        lines = text.splitlines(keepends=True)
+        start, end = method.lineno - 1, method.end_lineno
+        body = "".join(lines[start:end])
+        for old, new in names.items():
+            body = re.sub(rf"(?<![.\w\"']){old}\b(?![\"'=])", new, body)
+        text = "".join(lines[:start]) + body + "".join(lines[end:])
+    return text
 
 
 @all_rows
@@ -193,6 +203,7 @@ def test_a_rename_of_locals_upstream_needs_no_edit(fs):
     pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
     new_release, merged = _rename_locals(pristine), _rename_locals(patched)
     assert "hs, resid = " in new_release and "hs, resid = " in merged
+    assert "block_ffn = " in new_release and "block_ffn = " in merged
     compile(merged, MODEL, "exec")
     keys = lambda t: sorted(readers.reader_keys(readers.derive(t)))  # noqa: E731
     assert keys(new_release) == keys(pristine) and keys(merged) == keys(patched)
