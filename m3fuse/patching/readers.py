@@ -34,6 +34,12 @@ and which statements of upstream's layer loop its own copy of the loop replaces:
 its file:line), a stale declaration, a reader the set's deferred path reads while the output
 may be partial without the declared handling, or a declared reader the set's deferred loop
 never calls. `loop_drift` compares the set's copy of the layer loop with upstream's.
+
+What the text can show and what it cannot: `reduced-before` is satisfied by an all-reduce of
+the output earlier in the reader's block, whatever its condition (the EAGLE3 reduction runs
+only for captured layers, which is all the hook reads); that the condition covers what the
+reader reads is the declaration's reason, and `instrument` lets the harness run every reader
+against the release's values (tests/test_reader_values.py), which checks it.
 """
 
 from __future__ import annotations
@@ -263,7 +269,6 @@ class _Walker:
         self.reads: dict[tuple[int, int, str], Read] = {}
         self.loop_depth_with_layer = 0
         self.deferred_depth = 0
-        self.has_call = False
 
     # -- expressions
     def _parents(self, root: ast.AST) -> dict[ast.AST, ast.AST]:
@@ -351,7 +356,6 @@ class _Walker:
     def stmt(self, s: ast.stmt, state: State, block: list[ast.stmt]) -> State | None:
         lc = layer_call(s, self.layer_vars, self.containers)
         if lc:
-            self.has_call = True
             self.roles.setdefault(lc[0], "{out}")
             self.roles.setdefault(lc[1], "{res}")
             self._read_expr(s.value, state, s, "call", block)
