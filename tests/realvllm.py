@@ -4,6 +4,11 @@
 ``$M3FUSE_TEST_CACHE`` (default ``~/.cache/m3fuse-tests``); only the members a test needs are
 extracted. A failed download is an error, never a skip: these tests exist to run on real
 release bytes.
+
+A build that is not on the package index (vLLM main, a nightly, an image's site-packages) is
+used the same way: a wheel at ``$M3FUSE_TEST_CACHE/vllm/X/vllm-X-*.whl``, X the version its
+dist-info says, made and placed as docs/releases.md ("Unreleased builds") shows. The entry may
+be a symlink to a wheel kept elsewhere; one that points nowhere is an error naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ def wheel_path(version: str) -> Path:
         fcntl.flock(lk, fcntl.LOCK_EX)
         found = sorted(dest.glob(f"vllm-{version}-*.whl"))
         if found:
+            if not found[0].exists():  # a symlinked entry whose wheel moved
+                raise RuntimeError(f"{found[0]}: a symlink to {os.readlink(found[0])}, which does not exist; "
+                                   f"point it at the vllm {version} wheel or remove it (it is then downloaded)")
             return found[0]
         part = dest / ".partial"
         shutil.rmtree(part, ignore_errors=True)

@@ -188,7 +188,14 @@ def test_an_unreleased_build_symlinked_into_the_cache_is_read_as_a_release(tmp_p
     assert placed.read_bytes() == wheel.read_bytes()
 
 
-def test_a_dangling_cache_symlink_is_an_error_naming_it(tmp_path):
+def test_a_dangling_cache_symlink_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3FUSE_TEST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    entry = tmp_path / "cache" / "vllm" / UNRELEASED / f"vllm-{UNRELEASED}-py3-none-any.whl"
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(tmp_path / "moved.whl")
+    with pytest.raises(RuntimeError, match=f"{re.escape(str(entry))}: a symlink to .*moved.whl, which does not exist"):
+        realvllm.wheel_path(UNRELEASED)
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     gone = tmp_path / "vllm-0-py3-none-any.whl"
