@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from pathlib import Path
 
 import pytest
 
@@ -283,3 +284,79 @@ def test_port_carries_the_base_declarations_and_warns_on_an_undeclared_reader(vl
     warnings = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: ")]
     assert warnings and all("'self._maybe_add_hidden_state'" in w for w in warnings), r.stdout
     assert any(f"{MODEL}:{line} " in w for w in warnings), warnings
+
+
+def _held_out_tree(src: Path, dest: Path, version: str) -> Path:
+    """A copy of release tree `src` whose model has the held-out reader in each layer loop, with
+    its RECORD row updated (as a build of that source would write it)."""
+    import base64
+    import hashlib
+    import shutil
+
+    shutil.copytree(src, dest)
+    model = dest / MODEL
+    text = model.read_text()
+    model.write_text(_insert_after(text, _capture_lines(text, None), EXTRACT))
+    data = model.read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    (record,) = dest.glob("vllm-*.dist-info/RECORD")
+    rows = [f"{MODEL},sha256={digest},{len(data)}" if ln.startswith(MODEL + ",") else ln
+            for ln in record.read_text().splitlines()]
+    record.write_text("\n".join(rows) + "\n")
+    return dest
+
+
+def test_a_held_out_port_end_to_end(pristine_trees, tmp_path):
+    """Issue 24's held-out port with the real `m3fuse port`: a release = 0.34.0 plus a new
+    reader in each layer loop. The merge is clean and lands the call in upstream's loops only;
+    port warns naming the reader, and the tests' check fails naming it, with no test edit.
+    Resolved in the work folder (reduce, then read, in the set's loop) and declared, it passes."""
+    import shutil
+
+    from conftest import REPO, run_cli
+    from m3fuse.patching.hunks import apply_patch
+    from m3fuse.patching.patchset import load_patchset
+
+    tree = _held_out_tree(pristine_trees("0.34.0"), tmp_path / "tree", "0.34.1")
+    bases = tmp_path / "bases"
+    shutil.copytree(REPO / "patches" / "vllm-0.34.0", bases / "vllm-0.34.0")
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--patches", str(bases), "--out", str(out)]
+    port = ["port", "--vllm-root", str(tree), "--from", "vllm-0.34.0", "--name", "vllm-0.34.1", "--version", "0.34.1",
+            "--base-root", str(pristine_trees("0.34.0")), *common]
+    r = run_cli(*port, "--workdir", str(tmp_path / "clean"))
+    assert r.returncode == 0, r.stderr  # a clean merge
+    release = (tree / MODEL).read_text()
+    pset = load_patchset(out / "vllm-0.34.1")
+    (t,) = [t for t in pset.targets if t.path == MODEL]
+    merged = apply_patch(release.encode(), t.patch_file.read_text()).decode()
+    assert merged.count(EXTRACT) == release.count(EXTRACT) >= 2  # upstream's loops only
+    line = _stmt_at(ast.parse(release), _capture_lines(release, None)[0]).end_lineno + 1
+    warnings = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: ")]
+    assert any("undeclared reader 'self._maybe_extract_hidden_state'" in w and f"{MODEL}:{line} " in w
+               for w in warnings), r.stdout
+    assert any(EXTRACT in w and "no counterpart" in w for w in warnings), r.stdout
+    decl = readers.load_declarations(out / "vllm-0.34.1")
+    problems = readers.check(readers.derive(release), readers.derive(merged), decl)
+    assert any("'self._maybe_extract_hidden_state'" in p and f"{MODEL}:{line} " in p for p in problems), problems
+
+    # The correct resolution, made in a work folder as docs/releases.md says, then declared.
+    shutil.rmtree(out / "vllm-0.34.1")
+    r = run_cli(*port, "--workdir", str(work), "--edit")
+    assert r.returncode == 0, r.stderr
+    assert (work / "base" / MODEL).read_bytes() == (pristine_trees("0.34.0") / MODEL).read_bytes()
+    m = work / "merged" / MODEL
+    m.write_text(_insert_after(m.read_text(), _capture_lines(m.read_text(), True), REDUCE + EXTRACT))
+    r = run_cli("port", "--resume", str(work), *common)
+    assert r.returncode == 0, r.stderr
+    toml = Path(out / "vllm-0.34.1" / readers.READERS_FILE)
+    toml.write_text(toml.read_text() + '\n[[reader]]\nreader = "self._maybe_extract_hidden_state"\n'
+                    'handling = "reduced-before"\nreason = "extraction reads a reduced output: the set '
+                    'reduces first"\n')
+    (t,) = [t for t in load_patchset(out / "vllm-0.34.1").targets if t.path == MODEL]
+    fixed = apply_patch(release.encode(), t.patch_file.read_text()).decode()
+    decl = readers.load_declarations(out / "vllm-0.34.1")
+    others = _others("0.34.0")  # the package's other files (mono/runner.py), unchanged
+    assert readers.check(others + readers.derive(release), others + readers.derive(fixed), decl) == []
+    assert readers.loop_drift(release, fixed, decl) == []
+    assert readers.review(release.encode(), fixed.encode(), out / "vllm-0.34.1") == []
