@@ -18,6 +18,7 @@ import pytest
 import realvllm
 import test_fixes_runtime as fx
 import test_fusion_matrix as tm
+import test_reader_values as rv
 from fusion_harness import committed_patched_text, override_source
 from fusion_matrix import ROWS, Row
 
@@ -67,6 +68,12 @@ MUTANTS: list[Mutant] = [
            "                hidden_states, residual = layer(positions, hidden_states, residual)\n"
            "                self._maybe_extract_hidden_state(extracted, idx + 1, hidden_states)\n",
            ((tm.test_model_forward_structure, ()),)),
+    Mutant("pp-hand-off-sends-a-partial", MODEL,
+           "                # to the next stage must carry reduced hidden states.\n"
+           "                hidden_states = tensor_model_parallel_all_reduce(hidden_states)\n",
+           "                # to the next stage must carry reduced hidden states.\n                pass\n",
+           ((rv.test_the_pp_hand_off_sends_the_releases_values, ()),),
+           applies=lambda r: r.has_pp),
     Mutant("use-1stage-true", HELPER, "        use_1stage=False,\n    )", "        use_1stage=True,\n    )",
            ((tm.test_aiter_call_arguments_and_registered_follows_capture, ()),
             (tm.test_helper_modes_match_float64_reference, (2, "fused")))),

@@ -13,6 +13,7 @@ probed with no test edit; one the set's loop lacks, or feeds a partial sum, diff
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import torch
@@ -40,8 +41,10 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def probed_run(fs, world: int, mode: str, aux: tuple, source: str) -> list[dict[str, list[list[torch.Tensor]]]]:
-    """Per rank: reader key -> one entry per call, the tensors it returned or appended."""
+def probed_run(fs, world: int, mode: str, aux: tuple, source: str,
+               last_pp_rank: bool = True) -> list[dict[str, list[list[torch.Tensor]]]]:
+    """Per rank: reader key -> one entry per call, the tensors it returned or appended.
+    `last_pp_rank=False`: the model runs as a PP stage that hands its output on."""
     local = threading.local()
 
     def probe(key, fn, *args, **kwargs):
@@ -57,8 +60,12 @@ def probed_run(fs, world: int, mode: str, aux: tuple, source: str) -> list[dict[
 
     config = ToyConfig()
     with Stage(fs, SimTP(world), mode=mode, **arm_world(fs, mode)) as st:
-        w = load_model(fs, st, model_source=readers.instrument(source, PROBE),
-                       extra_globals={PROBE: probe, EXTRA_READER: extract_hidden_state})
+        extra = {PROBE: probe, EXTRA_READER: extract_hidden_state}
+        if not last_pp_rank:
+            # The hand-off path with this stage's TP group deferring: deferral is off at PP > 1
+            # (the helper's gate), so only a stage that believes it is alone reaches it here.
+            extra["get_pp_group"] = lambda: types.SimpleNamespace(is_first_rank=True, is_last_rank=False)
+        w = load_model(fs, st, model_source=readers.instrument(source, PROBE), extra_globals=extra)
 
         def rank(r):
             local.records = {}
@@ -72,12 +79,12 @@ def probed_run(fs, world: int, mode: str, aux: tuple, source: str) -> list[dict[
         return st.tp.run(rank)
 
 
-def differences(fs, world: int, aux: tuple, pristine: str, patched: str) -> list[str]:
+def differences(fs, world: int, aux: tuple, pristine: str, patched: str, last_pp_rank: bool = True) -> list[str]:
     """Where a reader's values in the patched model differ from the release's."""
-    base = probed_run(fs, world, "off", aux, pristine)
+    base = probed_run(fs, world, "off", aux, pristine, last_pp_rank)
     out = []
     for mode in ("off", "control", "fused"):
-        got = probed_run(fs, world, mode, aux, patched)
+        got = probed_run(fs, world, mode, aux, patched, last_pp_rank)
         for r in range(world):
             if sorted(got[r]) != sorted(base[r]):
                 out.append(f"{mode} rank {r}: readers called {sorted(got[r])}, release {sorted(base[r])}")
@@ -104,6 +111,15 @@ def test_every_derived_reader_sees_the_releases_values(fs, world, aux):
     probed = {k for k in readers.reader_keys(readers.derive(pristine)) if k != readers.LAYER}
     assert "self.norm" in probed and "self._maybe_add_hidden_state" in probed
     assert differences(fs, world, aux, pristine, patched) == []
+
+
+@pytest.mark.parametrize("fs", [r for r in ROWS if r.has_pp], ids=lambda r: r.name)
+def test_the_pp_hand_off_sends_the_releases_values(fs):
+    """The PP hand-off (declared unreachable while deferring: deferral needs PP == 1) still
+    sends reduced values when reached with the flag set."""
+    pristine, patched = pristine_text(fs, MODEL), patched_text(fs, MODEL)
+    assert "IntermediateTensors" in readers.reader_keys(readers.derive(pristine))
+    assert differences(fs, 2, (), pristine, patched, last_pp_rank=False) == []
 
 
 # ------------------------------------------------------------------ the held-out port, run
