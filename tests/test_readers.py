@@ -347,8 +347,11 @@ def test_a_held_out_port_end_to_end(pristine_trees, tmp_path):
     assert (work / "base" / MODEL).read_bytes() == (pristine_trees("0.34.0") / MODEL).read_bytes()
     m = work / "merged" / MODEL
     m.write_text(_insert_after(m.read_text(), _capture_lines(m.read_text(), True), REDUCE + EXTRACT))
-    r = run_cli("port", "--resume", str(work), *common)
+    r = run_cli("port", "--resume", str(work), *common, "--json")
     assert r.returncode == 0, r.stderr
+    # declared by nobody yet: the JSON says so too, and no longer names a missing loop statement
+    warned = __import__("json").loads(r.stdout)["warnings"]
+    assert warned and all("'self._maybe_extract_hidden_state'" in w for w in warned), warned
     toml = Path(out / "vllm-0.34.1" / readers.READERS_FILE)
     toml.write_text(toml.read_text() + '\n[[reader]]\nreader = "self._maybe_extract_hidden_state"\n'
                     'handling = "reduced-before"\nreason = "extraction reads a reduced output: the set '

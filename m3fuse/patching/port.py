@@ -72,11 +72,18 @@ class PortResult:
     set_dir: Path | None = None  # written set (clean merge or resume)
     workdir: Path | None = None  # written work folder (conflicts or --edit)
 
+    def reader_warnings(self) -> list[str]:
+        """The written set's model against its readers.toml and upstream's loop (readers.review)."""
+        if self.set_dir is None:
+            return []
+        return [w for f in self.files if f.path == readers.MODEL
+                for w in readers.review(f.pristine, f.merged, self.set_dir)]
+
     def to_json(self) -> dict:
         return {"name": self.name, "versions": self.versions,
                 "set_dir": str(self.set_dir) if self.set_dir else None,
                 "workdir": str(self.workdir) if self.workdir else None,
-                "reviewed": False, "note": NOT_REVIEWED,
+                "reviewed": False, "note": NOT_REVIEWED, "warnings": self.reader_warnings(),
                 "files": [{"path": f.path, "ported_from": f.ported_from, "conflicts": f.conflicts,
                            "compile_error": f.compile_error,
                            "pristine_sha256": sha256_bytes(f.pristine),
@@ -459,10 +466,7 @@ def describe(result: PortResult) -> list[str]:
     for f in result.files:
         lines.append(f"  {f.path:<{width}}  from {f.ported_from}  pristine {sha256_bytes(f.pristine)[:12]}  "
                      f"patched {sha256_bytes(f.merged)[:12]}")
-    if result.set_dir is not None:
-        for f in result.files:
-            if f.path == readers.MODEL:
-                lines += [f"warning: {p}" for p in readers.review(f.pristine, f.merged, result.set_dir)]
+    lines += [f"warning: {w}" for w in result.reader_warnings()]
     lines.append(f"note: {NOT_REVIEWED}")
     return lines
 
