@@ -25,10 +25,11 @@ PARSE_ERRORS = (SyntaxError, RecursionError, MemoryError, ValueError, SystemErro
 class Unparsable(Exception):
     """The text is too large to parse, or does not parse; `reason` says which in a few words."""
 
-    def __init__(self, reason: str, lineno: int | None = None) -> None:
+    def __init__(self, reason: str, lineno: int | None = None, msg: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.lineno = lineno
+        self.lineno = lineno  # a SyntaxError's line (None: not a syntax error)
+        self.short = f"line {lineno}: {msg}" if lineno is not None else reason
 
 
 def _check_size(data: str | bytes, limit: int) -> None:
@@ -39,7 +40,7 @@ def _check_size(data: str | bytes, limit: int) -> None:
 def _why(exc: BaseException) -> Unparsable:
     if isinstance(exc, SyntaxError):
         return Unparsable(f"does not parse as Python: {exc.msg}"
-                          + (f" (line {exc.lineno})" if exc.lineno else ""), exc.lineno)
+                          + (f" (line {exc.lineno})" if exc.lineno else ""), exc.lineno, exc.msg)
     if isinstance(exc, (RecursionError, MemoryError)):
         return Unparsable(f"nested too deeply or too large to parse ({exc.__class__.__name__})")
     return Unparsable(f"cannot be parsed ({exc.__class__.__name__}: {exc})")
