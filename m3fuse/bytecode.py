@@ -105,24 +105,13 @@ def _loads(pyc: Path, text: bytes, mtime: int, size: int) -> tuple[str, bytes] |
     return None
 
 
-class _Trusted:
-    """What compiling the current source gives at one -O level: its marshal bytes, and their
-    canonical form (computed only when a .pyc's bytes are not the same)."""
-
-    def __init__(self, text: bytes, source: Path, level: int) -> None:
-        self.problem: str | None = None
-        self.dumped = b""
-        try:
-            self.dumped = marshal.dumps(pysource.compile_exec(text, str(source), optimize=level))
-        except pysource.Unparsable as exc:
-            self.problem = f"the current source {exc.reason}, so its bytecode cannot be judged"
-        self._canonical: bytes | None = None
-
-    @property
-    def canonical(self) -> bytes:
-        if self._canonical is None:
-            self._canonical = marshalcanon.canonical(self.dumped)  # our own compile: no budget needed
-        return self._canonical
+def _canonical_of_source(text: bytes, source: Path, level: int) -> bytes | str:
+    """The canonical form of what compiling `text` gives at -O `level`, or why it cannot be had."""
+    try:
+        code = pysource.compile_exec(text, str(source), optimize=level)
+    except pysource.Unparsable as exc:
+        return f"the current source {exc.reason}, so its bytecode cannot be judged"
+    return marshalcanon.canonical(marshal.dumps(code))  # our own compile: no budget needed
 
 
 def stale_bytecode(source: Path) -> list[StaleBytecode]:
@@ -144,7 +133,7 @@ def stale_bytecode(source: Path) -> list[StaleBytecode]:
                                             "m3fuse does not follow it to judge what it holds"))
     except OSError:
         pass
-    trusted: dict[int, _Trusted] = {}
+    trusted: dict[int, bytes | str] = {}
     for pyc in bytecode_files(source):
         try:
             loaded = _loads(pyc, text, int(st.st_mtime), st.st_size)
@@ -156,21 +145,19 @@ def stale_bytecode(source: Path) -> list[StaleBytecode]:
         why, body = loaded
         level = _optimization(pyc)
         if level not in trusted:
-            trusted[level] = _Trusted(text, source, level)
+            trusted[level] = _canonical_of_source(text, source, level)
         want = trusted[level]
-        if want.problem is not None:
-            out.append(StaleBytecode(pyc, f"{why}, but {want.problem}"))
+        if isinstance(want, str):
+            out.append(StaleBytecode(pyc, f"{why}, but {want}"))
             continue
-        if body[:len(want.dumped)] == want.dumped:
-            continue  # byte for byte what this interpreter writes for the current source (marshal ignores the rest)
         try:
-            got = marshalcanon.canonical(body, budget=len(want.canonical))
+            got = marshalcanon.canonical(body, budget=len(want))
         except marshalcanon.OverBudget:
             got = None
         except marshalcanon.Bad as exc:
             out.append(StaleBytecode(pyc, f"{why}, but its body is not valid marshalled code m3fuse can judge "
                                           f"({exc})"))
             continue
-        if got != want.canonical:
+        if got != want:
             out.append(StaleBytecode(pyc, f"{why}, but it was compiled from other source text"))
     return out
