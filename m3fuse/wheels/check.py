@@ -91,7 +91,9 @@ def read_metadata(path: Path) -> tuple[str, str]:
     with _open_zip(path) as zf:
         info = dist_info_dir(zf, path)
         try:
-            raw = read_member(zf, f"{info}/METADATA", path).decode("utf-8", "replace")
+            raw = safeio.decode(read_member(zf, f"{info}/METADATA", path), f"{info}/METADATA")
+        except safeio.NotText as exc:
+            raise _fail(path, "metadata", f"{info}/METADATA {exc.reason}", "A wheel's METADATA is UTF-8 text.") from None
         except KeyError:
             raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
     from email.parser import HeaderParser
