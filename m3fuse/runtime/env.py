@@ -82,9 +82,8 @@ def read_release_env(root: Path) -> ReleaseEnv:
     except FileNotFoundError:
         raise EnvironmentProblem(f"{path}: no such file. The vLLM install at {root} is incomplete (every release "
                                  f"since 0.2 has vllm/envs.py); reinstall vLLM or pass the right --vllm-root.") from None
-    except safeio.Unsafe as exc:
-        raise safeio.refusal(exc, hint=f"m3fuse env reads vLLM's settings from it; {_fix(path)}",
-                             nothing="nothing was printed") from None
+    except safeio.Unsafe as exc:  # a FIFO, device, link or huge file planted there is never read
+        raise EnvironmentProblem(f"{path}: cannot read it ({exc.reason}); nothing was printed. {_fix(path)}") from None
     except OSError as exc:
         raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from None
     try:
