@@ -111,7 +111,10 @@ def _canonical_of_source(text: bytes, source: Path, level: int) -> bytes | str:
         code = pysource.compile_exec(text, str(source), optimize=level)
     except pysource.Unparsable as exc:
         return f"the current source {exc.reason}, so its bytecode cannot be judged"
-    return marshalcanon.canonical(marshal.dumps(code))  # our own compile: no budget needed
+    try:
+        return marshalcanon.canonical(marshal.dumps(code), whole=True)  # our own compile: no budget needed
+    except marshalcanon.Bad as exc:  # a Python whose code layout m3fuse does not know: nothing can be judged
+        return f"m3fuse cannot read this Python's code layout ({exc}), so no bytecode can be judged"
 
 
 def stale_bytecode(source: Path) -> list[StaleBytecode]:

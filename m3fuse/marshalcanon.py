@@ -239,16 +239,23 @@ class _Walk:
                 self.emit_int(self.int32())
             elif kind == "o":
                 self.obj(depth + 1)
-            else:  # co_filename: read (it may be referenced later), then dropped
-                at = len(self.out)
-                self.obj(depth + 1)
+            else:  # co_filename: read (it may be referenced later), then dropped; not counted
+                at, budget = len(self.out), self.budget  # against the budget (its length is the path's)
+                self.budget = None
+                try:
+                    self.obj(depth + 1)
+                finally:
+                    self.budget = budget
                 del self.out[at:]
 
 
-def canonical(data: bytes, budget: int | None = None) -> bytes:
+def canonical(data: bytes, budget: int | None = None, *, whole: bool = False) -> bytes:
     """The canonical form of the one marshalled object at the start of `data` (what follows it
-    is ignored, as marshal.loads ignores it). Bad when it cannot be followed or passes
-    `budget` bytes; back-references may copy at most 16 times `budget` bytes in all."""
+    is ignored, as marshal.loads ignores it; with `whole`, Bad unless it is all of `data`: a
+    check that this interpreter's layout is the one known here). Bad when it cannot be followed
+    or passes `budget` bytes; back-references may copy at most 16 times `budget` bytes in all."""
     w = _Walk(data, budget, None if budget is None else 16 * budget + (1 << 16))
     w.obj(0)
+    if whole and w.pos != len(data):
+        raise Bad(f"{len(data) - w.pos} bytes left after the object")
     return bytes(w.out)

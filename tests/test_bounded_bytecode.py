@@ -74,6 +74,15 @@ def test_v1_valid_pyc_of_the_current_text_passes(tmp_path):
     assert stale(src) == []
 
 
+def test_v1_a_small_module_compiled_under_a_long_path_passes(tmp_path):
+    """The file name is not part of the comparison, nor of its size budget."""
+    src = tmp_path / "pkg" / "tiny.py"
+    src.parent.mkdir()
+    src.write_text("X = 1\n")
+    py_compile.compile(str(src), dfile="/" + "d" * 300 + "/site-packages/pkg/tiny.py")
+    assert stale(src) == []
+
+
 def test_v1_a_pyc_that_is_a_symlink_is_reported_not_skipped(tmp_path):
     src = tmp_path / "pkg" / "plain.py"  # imports nothing, so Python can be shown running it
     src.parent.mkdir()
