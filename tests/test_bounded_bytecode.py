@@ -230,3 +230,32 @@ def test_v2_fuzzed_pyc_bodies_never_raise_and_stay_within_a_memory_limit(tmp_pat
     counts = json.loads(r.stdout)
     assert counts["reported"] + counts["passed"] == 600
     assert counts["reported"] >= 500, counts  # nearly every edit changes the code; all were judged
+
+
+def test_the_canonical_walk_follows_real_vllm_code_on_this_python():
+    """80 real vLLM 0.33.0 sources: the walk consumes each dump whole, ignores the file name and
+    reference flags (a load and re-dump, as the import system writes it, compares equal), and
+    sees a one-field change anywhere."""
+    import zipfile
+
+    from m3fuse import marshalcanon
+
+    with zipfile.ZipFile(realvllm.wheel_path(VERSION)) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py"))[::40][:80]
+        sources = {n: zf.read(n) for n in names}
+    changed = 0
+    for name, text in sources.items():
+        here = compile(text, "/here/" + name, "exec", dont_inherit=True)
+        there = compile(text, "/elsewhere/much/longer/" + name, "exec", dont_inherit=True)
+        want = marshalcanon.canonical(marshal.dumps(here), whole=True)
+        assert marshalcanon.canonical(marshal.dumps(there), budget=len(want)) == want, name
+        redumped = marshal.dumps(marshal.loads(marshal.dumps(there)))
+        assert marshalcanon.canonical(redumped, budget=len(want)) == want, name
+        for field in ("co_stacksize", "co_firstlineno", "co_flags"):
+            edited = marshal.dumps(here.replace(**{field: getattr(here, field) + 1}))
+            try:
+                assert marshalcanon.canonical(edited, budget=len(want)) != want, (name, field)
+            except marshalcanon.OverBudget:
+                pass
+            changed += 1
+    assert len(sources) == 80 and changed == 240
