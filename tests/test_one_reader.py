@@ -53,9 +53,9 @@ def _flags_say_not_a_read(call: ast.Call) -> bool:
     return bool(names & NOT_A_READ)
 
 
-def _writes(call: ast.Call) -> bool:
-    """open(path, "w"/"a"/"x"...) or os.fdopen(fd, "wb"): a write, not a read."""
-    mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"), None)
+def _writes(call: ast.Call, at: int = 1) -> bool:
+    """open(path, "w"/"a"/"x"...), os.fdopen(fd, "wb") or path.open("w") (mode at `at`): a write."""
+    mode = call.args[at] if len(call.args) > at else next((k.value for k in call.keywords if k.arg == "mode"), None)
     return (isinstance(mode, ast.Constant) and isinstance(mode.value, str)
             and any(c in mode.value for c in "wax+"))
 
@@ -108,6 +108,8 @@ def scan(text: str, rel: str) -> list[tuple[str, str, str, int]]:
                     hit(node, f.attr)
                 elif f.attr in ZIP_READS and ("zip" in receiver or receiver == "zf"):
                     hit(node, f"zip {f.attr}")
+                elif f.attr == "open" and base not in ("os", "safeio") and not _writes(node, 0):
+                    hit(node, "Path.open")  # pathlib's open (or any other object's) for reading
                 elif (base, f.attr) in BANNED_CALLS:
                     if (base, f.attr) == ("os", "open") and _flags_say_not_a_read(node):
                         continue
@@ -138,9 +140,10 @@ def test_the_walk_catches_each_kind_of_read():
         "    open(p)\n    p.read_bytes()\n    p.read_text()\n    marshal.loads(b'')\n"
         "    zipfile.ZipFile(p)\n    self._zip.read('m')\n    ast.parse('')\n    compile('', 'x', 'exec')\n"
         "    os.open(p, os.O_RDONLY)\n    os.open(p, os.O_WRONLY | os.O_CREAT)\n"
-        "    os.fdopen(3, 'rb')\n    os.fdopen(3, 'wb')\n    open(p, 'a')\n    safeio.read_text(p, 9)\n")
+        "    os.fdopen(3, 'rb')\n    os.fdopen(3, 'wb')\n    open(p, 'a')\n    safeio.read_text(p, 9)\n"
+        "    p.open()\n    p.open('w')\n")
     got = [(what, line) for _, _, what, line in scan(planted, "m3fuse/planted.py")]
     assert sorted(got, key=lambda x: x[1]) == [
         ("from importlib import", 2), ("open", 7), ("read_bytes", 8), ("read_text", 9), ("marshal.loads", 10),
         ("zipfile.ZipFile", 11), ("zip read", 12), ("ast.parse", 13), ("compile", 14), ("os.open", 15),
-        ("os.fdopen", 17)], got
+        ("os.fdopen", 17), ("Path.open", 21)], got
