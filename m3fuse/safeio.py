@@ -58,6 +58,14 @@ class Escapes(Unsafe):
     """A component on the way down is a symlink or not a directory, or a path leaves its root."""
 
 
+class NotText(Unsafe):
+    """The bytes are not the strict UTF-8 text the file must hold."""
+
+
+class BadArchive(Unsafe):
+    """A zip archive (a wheel) or one of its members cannot be read."""
+
+
 def kind_of(mode: int) -> str:
     for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file")):
@@ -188,6 +196,75 @@ def read_under(root: Path, rel: str, limit: int) -> bytes:
     parts = split_relative(rel)
     with walk_down(root, parts[:-1]) as fd:
         return read_regular(parts[-1], limit, dir_fd=fd, shown=Path(root) / rel)
+
+
+def decode(data: bytes, shown: Path | str) -> str:
+    """Strict UTF-8 (NotText otherwise, naming the first bad byte)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotText(shown, f"is not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r})") from None
+
+
+def read_text(path: str | Path, limit: int, *, dir_fd: int | None = None, shown: Path | str | None = None) -> str:
+    """A regular file of at most `limit` bytes, decoded as strict UTF-8."""
+    shown = shown if shown is not None else path
+    return decode(read_regular(path, limit, dir_fd=dir_fd, shown=shown), shown)
+
+
+# ------------------------------------------------------------------------------ zip archives
+
+# A zip archive's members are inflated through a bound, judged twice: by the size the member's
+# header declares and by the bytes actually inflated (a zip bomb may declare a small size).
+MAX_MEMBER = 16 << 20
+
+
+def open_zip(path: Path):  # noqa: ANN201 - a zipfile.ZipFile; zipfile is imported here only
+    """A zip archive that is a regular file (lstat first, no symlink followed, a FIFO never
+    blocks), read from the descriptor that was checked. BadArchive when it is not a zip."""
+    import zipfile
+
+    fd, _ = open_regular(path)
+    f = os.fdopen(fd, "rb")
+    try:
+        return zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        f.close()
+        raise BadArchive(path, f"is not a zip archive m3fuse can read ({exc})") from None
+    except BaseException:
+        f.close()
+        raise
+
+
+class Inflation:
+    """A budget of inflated bytes shared by several member reads (a release's thousands of
+    sources: each is bounded, and so is their sum)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+
+def read_member(zf, name: str, limit: int = MAX_MEMBER, *, shown: Path | str | None = None,  # noqa: ANN001
+                budget: Inflation | None = None) -> bytes:
+    """One archive member, refused past `limit` bytes (declared or inflated) with TooLarge,
+    past the shared `budget` too; BadArchive when it cannot be inflated; KeyError when absent."""
+    import zipfile
+
+    where = f"{shown if shown is not None else zf.filename}:{name}"
+    info = zf.getinfo(name)
+    cap = limit if budget is None else min(limit, budget.left)
+    if info.file_size > cap:
+        raise TooLarge(where, cap)
+    try:
+        with zf.open(info) as f:
+            data = f.read(cap + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise BadArchive(where, f"cannot be inflated ({exc})") from None
+    if len(data) > cap:
+        raise TooLarge(where, cap)
+    if budget is not None:
+        budget.left -= len(data)
+    return data
 
 
 def hash_regular(path: Path, limit: int | None = None) -> tuple[str, int]:

@@ -32,9 +32,21 @@ spec = importlib.util.find_spec("vllm")
 locs = list(spec.submodule_search_locations or []) if spec else []
 version = None
 if spec is not None:
+    # importlib.metadata only finds the dist-info folder; its METADATA is read as m3fuse.safeio
+    # reads (a regular file, no link followed, never blocking, bounded).
     try:
-        import importlib.metadata as md
-        version = md.version("vllm")
+        import importlib.metadata as md, os, stat
+        p = os.path.join(str(md.distribution("vllm")._path), "METADATA")
+        if stat.S_ISREG(os.lstat(p).st_mode):
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(1 << 20).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+            for line in head.splitlines():
+                if not line.strip():
+                    break
+                if line.lower().startswith("version:"):
+                    version = line.split(":", 1)[1].strip()
+                    break
     except Exception:
         version = None
 print(json.dumps({"executable": sys.executable, "version_info": list(sys.version_info[:3]),

@@ -34,7 +34,17 @@ def needs_command(set_dir: Path, releases: tuple[Path, ...], check: bool) -> Non
     text = render(derive(list(releases), patch_set), patch_set.name)
     path = set_dir / NEEDS_FILE
     if check:
-        old = path.read_text(encoding="utf-8") if path.is_file() else None
+        from .. import safeio
+
+        try:
+            old = safeio.read_text(path, safeio.MAX_SET_FILE)  # a regular file only, bounded, strict UTF-8
+        except FileNotFoundError:
+            old = None
+        except (OSError, safeio.Unsafe) as exc:
+            raise PatchSetError(headline=f"{path} cannot be read: {getattr(exc, 'reason', None) or exc}",
+                                details=[("set", patch_set.name)],
+                                hint=f"remove it and regenerate it: m3fuse needs {set_dir} "
+                                     + " ".join(f"--vllm {r}" for r in releases)) from None
         if old != text:
             raise PatchSetError(headline=f"{path} is {'stale' if old else 'missing'}",
                                 details=[("set", patch_set.name)],

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safeio
 from ..fingerprint import sha256_bytes
 from . import atomic
 from .patchset import PatchSet, Target
@@ -70,16 +70,18 @@ class BaseSource:
         for version in pset.vllm_versions:
             for wheel in _wheels_for(version, self.wheel_dirs) if want else []:
                 try:
-                    with zipfile.ZipFile(wheel) as zf:
+                    # A regular file only; each member inflated through a bound (a shared wheel
+                    # folder may hold a zip bomb: it is skipped, never inflated).
+                    with safeio.open_zip(wheel) as zf:
                         for rel, pin in list(want.items()):
                             try:
-                                data = zf.read(rel)
+                                data = safeio.read_member(zf, rel, safeio.MAX_SOURCE, shown=wheel)
                             except KeyError:
                                 continue
                             if sha256_bytes(data) == pin:
                                 store(self.cache, data)
                                 del want[rel]
-                except (OSError, zipfile.BadZipFile):
+                except (OSError, safeio.Unsafe):
                     continue  # not a usable wheel: the next source is tried, and named if all fail
 
     def files(self, pset: PatchSet, targets: list[Target]) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import atomic, mutex
-from .. import interrupt, safeio
+from .. import interrupt, pysource, safeio
 from ..errors import (EXIT_DRIFT, EXIT_OK, DriftError, EnvironmentProblem, M3fuseError, PatchSetError,
                      UnsafePath, UnsupportedError)
 from ..bytecode import stale_bytecode
@@ -282,10 +282,10 @@ def plan(tree: TreeState, goal: str) -> list[Change]:
                 f"Restore the patch set from the m3fuse release.")
         if t.path.endswith(".py"):
             try:
-                compile(new, str(f.path), "exec", dont_inherit=True)
-            except SyntaxError as exc:
-                raise PatchSetError(f"{t.patch_file}: the {goal} {t.path} does not compile ({exc.msg}, line "
-                                    f"{exc.lineno}); nothing was changed.") from exc
+                pysource.compile_exec(new, str(f.path))  # bounded: never a RecursionError traceback
+            except pysource.Unparsable as exc:
+                raise PatchSetError(f"{t.patch_file}: the {goal} {t.path} does not compile ({exc.reason}); "
+                                    f"nothing was changed.") from None
         changes.append(Change(f, new))
     _preflight(changes)
     return changes

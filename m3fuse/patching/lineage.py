@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .. import safeio
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
 from . import atomic, mutex, setwriter
 from ..wheels.needs import NEEDS_FILE
 from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
-from .patchset import MANIFEST, PatchSet, Target, load_all, load_patchset
+from .patchset import MANIFEST, PatchSet, Target, _read_set_file, load_all, load_patchset
 from .port import MARKERS, MergedFile, _prove_set, merge_file
 from .readers import READERS_FILE
 from .portfs import MARKER, STAGE_MARK, clean_stages, mark, unmark, write_folder
@@ -166,11 +167,12 @@ def derive(s: PatchSet, by_name: dict[str, PatchSet], source: BaseSource) -> tup
         else:
             final = merged_from_base(s, t, by_name[t.ported_from], source)
             res_path = s.folder / resolution_name(t.path)
-            if res_path.is_file():
-                text = res_path.read_bytes()
+            if os.path.lexists(res_path):
+                # A regular file only, bounded, strict UTF-8 (a link, FIFO or huge file is refused unread).
+                text = _read_set_file(res_path, "a resolution diff", "this resolution diff")
                 extra[res_path.name] = text
                 where = f"{s.name}: {t.path}"
-                final.merged = apply_resolution(final.merged, parse_diff(text.decode("utf-8"), name=str(res_path)),
+                final.merged = apply_resolution(final.merged, parse_diff(_text(text, res_path), name=str(res_path)),
                                                 where=where)
             left = [i for i, ln in enumerate(split_lines(final.merged.decode("utf-8")), 1) if ln.startswith(MARKERS)]
             if left:
@@ -190,8 +192,16 @@ def derive(s: PatchSet, by_name: dict[str, PatchSet], source: BaseSource) -> tup
 CARRIED = frozenset({NEEDS_FILE, READERS_FILE})
 
 
+def _text(data: bytes, path: Path) -> str:
+    try:
+        return safeio.decode(data, path)
+    except safeio.NotText as exc:
+        raise PatchSetError(f"{path}: {exc.reason}; a resolution diff is UTF-8 text. Record it again with "
+                            f"`m3fuse port --record-resolutions`.") from None
+
+
 def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+    return {p.name: _read_set_file(p, "a set's file", "this set file") for p in sorted(folder.iterdir())
             if p.is_file() and not p.is_symlink() and p.name != MARKER}
 
 

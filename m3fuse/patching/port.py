@@ -23,12 +23,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import resources, safeio
+from .. import pysource, resources, safeio
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, UnsupportedError, UsageProblem
 from ..fingerprint import record_hashes_for, sha256_bytes
 from ..target import VllmTarget
@@ -215,10 +214,10 @@ def _from_release_wheel(pset: PatchSet, want: dict[str, str], cache: Path,
                 f"of {pset.name} (no --base-root or cache entry held them). Run where pip reaches the "
                 f"index, or pass --base-root DIR holding vLLM {version}'s files (e.g. an unpacked "
                 f"`pip download --no-deps vllm=={version}`).")
-        from ..wheels.check import read_member
+        from ..wheels.check import _open_zip, read_member
 
         got: dict[str, bytes] = {}
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with _open_zip(wheels[0]) as zf:  # pip's download into our own folder; still read through safeio
             for rel, pin in want.items():
                 try:
                     data = read_member(zf, rel, wheels[0], safeio.MAX_SOURCE)  # bounded: not verified yet
@@ -261,9 +260,9 @@ def _compile_error(rel: str, data: bytes) -> str | None:
     if not rel.endswith(".py"):
         return None
     try:
-        compile(data, rel, "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        return f"line {exc.lineno}: {exc.msg}"
+        pysource.compile_exec(data, rel)  # bounded: too large or too deep is an answer, not a traceback
+    except pysource.Unparsable as exc:
+        return exc.short
     return None
 
 
@@ -403,8 +402,9 @@ def resume(workdir: Path, out: Path, sets: list[PatchSet], *,
             raise TypeError("bad field types")
     except FileNotFoundError:
         raise UsageProblem(f"{meta_path}: missing; --resume takes a work folder written by `m3fuse port`.") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageProblem(f"{meta_path}: not a readable port work file ({exc}); start again with "
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError) as exc:  # nested too deeply too
+        raise UsageProblem(f"{meta_path}: not a readable port work file ({exc.__class__.__name__}: {exc}); "
+                           f"start again with "
                            f"`m3fuse port` into a new --workdir.") from exc
     check_name(name, out, sets)
     files: list[MergedFile] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import defects as aiter_defects
+from .. import pysource, safeio
 from ..errors import DriftError, EnvironmentProblem, NotPatched, UnsupportedError
 from ..patching import engine
 
@@ -76,17 +77,19 @@ def _fix(path: Path) -> str:
 def read_release_env(root: Path) -> ReleaseEnv:
     path = Path(root) / ENVS
     try:
-        data = path.read_bytes()
+        # A regular file only (a FIFO or device planted there is refused unread), bounded.
+        data = safeio.read_regular(path, pysource.MAX_PARSE)
     except FileNotFoundError:
         raise EnvironmentProblem(f"{path}: no such file. The vLLM install at {root} is incomplete (every release "
                                  f"since 0.2 has vllm/envs.py); reinstall vLLM or pass the right --vllm-root.") from None
+    except safeio.Unsafe as exc:  # a FIFO, device, link or huge file planted there is never read
+        raise EnvironmentProblem(f"{path}: cannot read it ({exc.reason}); nothing was printed. {_fix(path)}") from None
     except OSError as exc:
         raise EnvironmentProblem(f"{path}: cannot read it ({exc.strerror}).") from None
     try:
-        tree = ast.parse(data, filename=str(path))
-    except (SyntaxError, ValueError) as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
-        raise DriftError(f"{path}: does not parse as Python{where}: {exc}. {_fix(path)}") from None
+        tree = pysource.parse(data, str(path))  # bounded: deep nesting is a clean error, not a traceback
+    except pysource.Unparsable as exc:
+        raise DriftError(f"{path}: {exc.reason}. {_fix(path)}") from None
     table = _environment_variables(tree)
     if table is None:
         raise DriftError(f"{path}: has no top-level `environment_variables = {{...}}` table, which is where vLLM "
@@ -138,10 +141,10 @@ def has_one_stage_branch(root: Path) -> bool | None:
     """Whether the installed helper defines vLLM's own one-stage AITER branch (True/False), or
     None when the file cannot be read or parsed."""
     try:
-        tree = ast.parse((Path(root) / HELPER).read_bytes())
+        tree = pysource.parse(safeio.read_regular(Path(root) / HELPER, pysource.MAX_PARSE), HELPER)
     except FileNotFoundError:
         return False
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, safeio.Unsafe, pysource.Unparsable):
         return None
     return any(isinstance(n, ast.FunctionDef) and n.name == ONE_STAGE_BRANCH for n in tree.body)
 

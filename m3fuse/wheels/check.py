@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from .. import pysource, safeio
 from ..errors import EnvironmentProblem, IntegrityError
 from .lock import LockedPackage
 from ..target import query_interpreter
@@ -90,7 +91,9 @@ def read_metadata(path: Path) -> tuple[str, str]:
     with _open_zip(path) as zf:
         info = dist_info_dir(zf, path)
         try:
-            raw = read_member(zf, f"{info}/METADATA", path).decode("utf-8", "replace")
+            raw = safeio.decode(read_member(zf, f"{info}/METADATA", path), f"{info}/METADATA")
+        except safeio.NotText as exc:
+            raise _fail(path, "metadata", f"{info}/METADATA {exc.reason}", "A wheel's METADATA is UTF-8 text.") from None
         except KeyError:
             raise _fail(path, "metadata", f"{info}/METADATA is missing", "A wheel without it is malformed.") from None
     from email.parser import HeaderParser
@@ -126,37 +129,38 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
-MAX_MEMBER = 16 << 20  # METADATA or one Python source: a few hundred KB in real wheels
+MAX_MEMBER = safeio.MAX_MEMBER  # METADATA or one Python source: a few hundred KB in real wheels
 
 
 def read_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int = MAX_MEMBER) -> bytes:
-    """One archive member, refused past `limit` bytes judged twice: by the size its header
-    declares, and by the bytes actually inflated (a zip bomb may declare a small size).
-    KeyError when absent."""
-    import zipfile
-
+    """One archive member through safeio's bounded inflation, refused past `limit` bytes judged
+    twice: by the size its header declares, and by the bytes actually inflated (a zip bomb may
+    declare a small size). KeyError when absent."""
     info = zf.getinfo(name)
     if info.file_size > limit:
         raise _fail(path, "archive", f"member {name!r} declares {info.file_size} bytes, over the {limit}-byte limit "
                     f"for it", "A real wheel's file of this kind is far smaller; this one may be a zip bomb.")
     try:
-        with zf.open(info) as f:
-            data = f.read(limit + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise _fail(path, "archive", f"member {name!r} cannot be read ({exc})", "It cannot be a wheel.") from None
-    if len(data) > limit:
+        return safeio.read_member(zf, name, limit, shown=path)
+    except safeio.TooLarge:
         raise _fail(path, "archive", f"member {name!r} inflates past the {limit}-byte limit",
-                    "A real wheel's file of this kind is far smaller; this one may be a zip bomb.")
-    return data
+                    "A real wheel's file of this kind is far smaller; this one may be a zip bomb.") from None
+    except safeio.BadArchive as exc:
+        raise _fail(path, "archive", f"member {name!r} {exc.reason}", "It cannot be a wheel.") from None
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
-    import zipfile
-
+    """The wheel as a zip archive, opened as a regular file only (safeio.open_zip)."""
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _fail(path, "archive", f"it is not a zip archive ({exc})", "It cannot be a wheel.") from None
+        return safeio.open_zip(path)
+    except FileNotFoundError:
+        raise _fail(path, "archive", "it does not exist", "It cannot be a wheel.") from None
+    except safeio.BadArchive as exc:
+        raise _fail(path, "archive", exc.reason.replace("is not", "it is not", 1), "It cannot be a wheel.") from None
+    except safeio.Unsafe as exc:
+        raise _fail(path, "archive", f"it {exc.reason}", "m3fuse reads a wheel only from a regular file.") from None
+    except OSError as exc:
+        raise _fail(path, "archive", f"it cannot be opened ({exc.strerror or exc})", "It cannot be a wheel.") from None
 
 
 def check_members(path: Path) -> None:
@@ -186,9 +190,9 @@ def aiter_problems(source: str) -> list[str]:
     import ast
 
     try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        return [f"{AITER_CAR} does not parse ({exc})"]
+        tree = pysource.parse(source, AITER_CAR)  # bounded: hostile text gives a problem, not a traceback
+    except pysource.Unparsable as exc:
+        return [f"{AITER_CAR} {exc.reason}"]
     cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CustomAllreduce"), None)
     if cls is None:
         return [f"{AITER_CAR} defines no class CustomAllreduce"]
@@ -212,7 +216,9 @@ def aiter_problems(source: str) -> list[str]:
 def check_aiter(path: Path) -> None:
     with _open_zip(path) as zf:
         try:
-            src = read_member(zf, AITER_CAR, path).decode("utf-8", "replace")
+            src = safeio.decode(read_member(zf, AITER_CAR, path, pysource.MAX_PARSE), AITER_CAR)
+        except safeio.NotText as exc:
+            raise _fail(path, "AITER API", f"{AITER_CAR} {exc.reason}", "Python could not import it.") from None
         except KeyError:
             raise _fail(path, "AITER API", f"it has no {AITER_CAR}",
                         "The fusion calls CustomAllreduce.fused_ar_rms from that module.") from None

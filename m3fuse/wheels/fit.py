@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import pysource, safeio
 from .check import AITER_CAR, aiter_problems
 from .lock import LockedPackage, LockError
 from .needs import AITER, DistNeeds, Needs
 
 TOOL = "m3fuse"
-MAX_SOURCE = 4 << 20  # AITER's custom_all_reduce.py is ~60 KB; anything this large is not it
+MAX_SOURCE = pysource.MAX_PARSE  # AITER's custom_all_reduce.py is ~60 KB; anything this large is not it
 
 
 @dataclass
@@ -51,8 +52,8 @@ def api_of(source: str) -> dict[str, tuple[str, ...]] | None:
     import ast
 
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
+        tree = pysource.parse(source, AITER_CAR)
+    except pysource.Unparsable:
         return None
     cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "CustomAllreduce"), None)
     if cls is None:
@@ -122,14 +123,14 @@ def from_tree(root: Path, version: str | None, dist: str, wanted: tuple[str, ...
     prov = Provides(version, f"installed in {root}", _modules_from(exists, wanted))
     if dist == AITER:
         try:
-            with open(root / AITER_CAR, "rb") as f:
-                raw = f.read(MAX_SOURCE + 1)
-            if len(raw) > MAX_SOURCE:
-                raise ValueError(f"larger than {MAX_SOURCE} bytes")
-            src = raw.decode("utf-8")
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            # A regular file only, bounded, strict UTF-8: a FIFO, device or link planted there is not read.
+            src = safeio.read_text(root / AITER_CAR, MAX_SOURCE)
+        except safeio.Unsafe as exc:
             prov.api = {}
-            prov.content_problems = [f"{AITER_CAR} cannot be read ({exc.__class__.__name__}: {exc})"]
+            prov.content_problems = [f"{AITER_CAR} cannot be read ({exc.path} {exc.reason})"]
+        except OSError as exc:
+            prov.api = {}
+            prov.content_problems = [f"{AITER_CAR} cannot be read ({exc.__class__.__name__}: {exc.strerror or exc})"]
         else:
             prov.api = api_of(src) or {}
             prov.content_problems = aiter_problems(src)
@@ -142,7 +143,7 @@ def wheel_facts(path: Path, name: str, version: str, sha256: str, patches_root: 
     CustomAllreduce's fused-path parameters. None for a distribution no set has needs of."""
     from packaging.utils import canonicalize_name
 
-    from .check import _open_zip
+    from .check import _fail, _open_zip, read_member
     from .needs import FUSED_PATH_API, known_modules
 
     dist = canonicalize_name(name)
@@ -151,7 +152,14 @@ def wheel_facts(path: Path, name: str, version: str, sha256: str, patches_root: 
         return None
     with _open_zip(path) as zf:
         names = zf.namelist()
-        src = zf.read(AITER_CAR).decode("utf-8", "replace") if dist == AITER and AITER_CAR in names else None
+        src = None
+        if dist == AITER and AITER_CAR in names:
+            # Bounded inflation (a zip bomb is refused, never inflated) and strict decoding.
+            raw = read_member(zf, AITER_CAR, path, MAX_SOURCE)
+            try:
+                src = safeio.decode(raw, AITER_CAR)
+            except safeio.NotText as exc:
+                raise _fail(path, "AITER API", f"{AITER_CAR} {exc.reason}", "Python could not import it.") from None
     files = set(names)
     dirs = {n.rsplit("/", i)[0] for n in names for i in range(1, n.count("/") + 1)}
 

@@ -28,8 +28,53 @@ from ..target import query_interpreter, read_pth, resolve_python, venv_site
 # the digest without padding (PEP 376 / wheel spec). Never torch's RECORD: gigabytes, not ours.
 _PROBE_CODE = r"""
 def m3fuse_probe(names, check, path, own):
-    import base64, hashlib, os, stat, sys, sysconfig
+    import base64, csv, hashlib, io, os, stat, sys, sysconfig
+    # importlib.metadata only finds the dist-info folder (a directory listing); its METADATA
+    # and RECORD are read here as m3fuse.safeio reads: a regular file only (lstat, then a
+    # no-follow, non-blocking open checked again), bounded, strict UTF-8.
     from importlib import metadata as md
+
+    def read_small(p, limit):
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            raise OSError("not a regular file")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise OSError("larger than %d bytes" % limit)
+        return data.decode("utf-8")
+
+    def dist_file(dist, name, limit):
+        where = getattr(dist, "_path", None)
+        if where is None:
+            return None
+        try:
+            return read_small(os.path.join(str(where), name), limit)
+        except (OSError, ValueError):  # missing, not regular, too large, not UTF-8
+            return None
+
+    def version_of(dist):
+        text = dist_file(dist, "METADATA", 1 << 20) or dist_file(dist, "PKG-INFO", 1 << 20) or ""
+        for line in text.splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "version":
+                return value.strip()
+        return None
+
+    def record_of(dist):
+        text = dist_file(dist, "RECORD", 64 << 20)
+        if text is None:
+            return None
+        try:
+            return [r for r in csv.reader(io.StringIO(text)) if r and r[0]]
+        except csv.Error:
+            return None
+
+    MAX_HASHED = 2 << 30  # per file: AITER's and FlyDSL's largest are a few hundred MB
     managed = None
     if own:
         # PEP 668: the marker sits in the stdlib directory of the default scheme and does not
@@ -53,10 +98,7 @@ def m3fuse_probe(names, check, path, own):
         if dist is None:
             out[name] = None
             continue
-        try:
-            version = dist.version  # None (or KeyError, newer Pythons) when METADATA is missing
-        except Exception:
-            version = None
+        version = version_of(dist)  # None when METADATA is missing, unreadable or names none
         try:
             root = str(dist.locate_file(""))
         except Exception:
@@ -64,25 +106,33 @@ def m3fuse_probe(names, check, path, own):
         info = {"version": version if isinstance(version, str) else None, "problems": [], "files": 0,
                 "root": root}
         if name in check:
-            files = dist.files
+            files = record_of(dist) if root else None
             if files is None:
                 info["problems"].append("RECORD is missing")
             else:
-                for f in files:
+                for row in files:
                     info["files"] += 1
-                    if not f.hash:
+                    f = row[0]
+                    mode, _, want = (row[1] if len(row) > 1 else "").partition("=")
+                    if not want:
                         continue
                     # Only files inside site-packages are hashed: a RECORD row with '..' or an
                     # absolute path (a console script in bin/, or a planted /dev/zero) is not
                     # imported code, and following it could read anything or never end.
-                    if os.path.isabs(str(f)) or ".." in str(f).replace("\\", "/").split("/"):
+                    if os.path.isabs(f) or ".." in f.replace("\\", "/").split("/"):
                         continue
-                    p = dist.locate_file(f)
+                    p = os.path.join(root, f)
                     try:
-                        h = hashlib.new(f.hash.mode)
+                        h = hashlib.new(mode)
                         st = os.lstat(p)
                         if not stat.S_ISREG(st.st_mode):
                             raise OSError("not a regular file")
+                        size = row[2].strip() if len(row) > 2 else ""
+                        if size.isdigit() and int(size) != st.st_size:  # judged before a byte is hashed
+                            info["problems"].append("modified: %s (%d bytes, RECORD says %s)" % (f, st.st_size, size))
+                            continue
+                        if st.st_size > MAX_HASHED:
+                            raise OSError("larger than the %d-byte limit m3fuse hashes" % MAX_HASHED)
                         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
                         with os.fdopen(fd, "rb") as fh:
                             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -100,7 +150,7 @@ def m3fuse_probe(names, check, path, own):
                         info["problems"].append("unreadable: %s (%s)" % (f, e))
                         continue
                     got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-                    if got != f.hash.value:
+                    if got != want:
                         info["problems"].append("modified: %s" % f)
         out[name] = info
     return {"dists": out, "externally_managed": managed}

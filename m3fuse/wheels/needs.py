@@ -20,13 +20,15 @@ the real release wheels.
 from __future__ import annotations
 
 import json
+import os
 import re
-import zipfile
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import pysource, safeio
 from ..errors import PatchSetError, UsageProblem
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ M3_MODEL = "vllm/models/minimax_m3/amd/"
 FUSED_PATH_API = ("fused_ar_rms", "custom_fused_ar_rms", "all_gather_unreg")
 _PINNED_RE = re.compile(rb"[Pp]inned AITER v(\d+(?:\.\d+)*(?:\.post\d+)?)")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# A release's Python sources are read through one inflation budget: vLLM 0.34.0's come to 53 MiB
+# (3604 files, the largest 319 KB), so a wheel whose sources inflate past this is no release.
+MAX_RELEASE_SOURCES = 512 << 20
+HEADERS_MAX = 1 << 20
 
 
 @dataclass
@@ -74,12 +80,22 @@ class Release:
 
     def __init__(self, source: Path) -> None:
         self.source = Path(source)
+        self._zip = None
+        self._budget = safeio.Inflation(MAX_RELEASE_SOURCES)
+        # The path the user named may be a link (followed, as for any argument); below it, nothing is.
+        real = Path(os.path.realpath(self.source))
         try:
-            self._zip = zipfile.ZipFile(self.source) if self.source.is_file() else None
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise self._refuse(f"it cannot be read as a wheel ({exc})") from None
-        if self._zip is None and not (self.source / "vllm").is_dir():
+            mode = os.stat(real).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISREG(mode):
+            try:
+                self._zip = safeio.open_zip(real)
+            except (OSError, safeio.Unsafe) as exc:
+                raise self._refuse(f"it cannot be read as a wheel ({getattr(exc, 'reason', None) or exc})") from None
+        elif not (stat.S_ISDIR(mode) and (real / "vllm").is_dir()):
             raise self._refuse("it is neither a wheel nor a folder holding vllm/")
+        self._root = real
         self._names: list[str] | None = None
 
     def _refuse(self, problem: str) -> UsageProblem:
@@ -91,14 +107,31 @@ class Release:
             if self._zip is not None:
                 self._names = [n for n in self._zip.namelist() if n.startswith("vllm/")]
             else:
-                self._names = sorted(p.relative_to(self.source).as_posix()
-                                     for p in (self.source / "vllm").rglob("*.py"))
+                found = []
+                for here, dirs, files in os.walk(self._root / "vllm"):  # never into a linked folder
+                    dirs.sort()
+                    rel = Path(here).relative_to(self._root).as_posix()
+                    found += [f"{rel}/{f}" for f in files if f.endswith(".py")]
+                self._names = sorted(found)
         return self._names
 
     def read(self, name: str) -> bytes:
-        if self._zip is not None:
-            return self._zip.read(name)
-        return (self.source / name).read_bytes()
+        """One source of the release: bounded (each file, and all of them together), a regular
+        file only, never through a link."""
+        try:
+            if self._zip is not None:
+                return safeio.read_member(self._zip, name, safeio.MAX_MEMBER, shown=self.source, budget=self._budget)
+            data = safeio.read_under(self._root, name, min(safeio.MAX_MEMBER, self._budget.left))
+            self._budget.left -= len(data)
+            return data
+        except safeio.TooLarge as exc:
+            raise self._refuse(f"{name} is larger than the {exc.limit}-byte limit m3fuse reads (each source "
+                               f"at most {safeio.MAX_MEMBER}, all of them {MAX_RELEASE_SOURCES}); a real release's "
+                               f"are far smaller") from None
+        except safeio.Unsafe as exc:
+            raise self._refuse(f"{name}: {exc.reason}") from None
+        except OSError as exc:
+            raise self._refuse(f"{name} cannot be read ({exc.strerror or exc})") from None
 
     def version(self) -> str:
         from email.parser import HeaderParser
@@ -108,11 +141,15 @@ class Release:
             meta = next((n for n in self._zip.namelist()
                          if n.count("/") == 1 and n.endswith(".dist-info/METADATA") and n.startswith("vllm-")), None)
             if meta:
-                found = HeaderParser().parsestr(self._zip.read(meta).decode("utf-8", "replace"))["Version"]
+                try:
+                    text = safeio.decode(safeio.read_member(self._zip, meta, HEADERS_MAX, shown=self.source), meta)
+                except safeio.Unsafe as exc:
+                    raise self._refuse(f"{meta}: {exc.reason}") from None
+                found = HeaderParser().parsestr(text)["Version"]
         else:
             from ..target import dist_info
 
-            found = dist_info(self.source, "vllm")[1]
+            found = dist_info(self._root, "vllm")[1]
         if not found:
             raise self._refuse("no vllm-*.dist-info/METADATA names its version")
         return str(found).strip()
@@ -145,8 +182,6 @@ def _version_key(v: str):  # noqa: ANN202 - a packaging Version
 def derive(releases: Sequence[Path], patch_set: PatchSet) -> Needs:
     """Needs of `patch_set`'s release(s), read from the release files (each a wheel or tree)
     with the set's patches applied to the files it patches."""
-    import ast
-
     from ..patching.hunks import apply_diff
 
     dists: dict[str, DistNeeds] = {AITER: DistNeeds(), FLYDSL: DistNeeds()}
@@ -171,9 +206,11 @@ def derive(releases: Sequence[Path], patch_set: PatchSet) -> Needs:
             if not in_model and b"aiter" not in data:
                 continue
             try:
-                tree = ast.parse(data)
-            except SyntaxError:
-                continue  # vLLM ships no such file; nothing of it could run either
+                tree = pysource.parse(data, name)  # bounded: too large or too deep is refused, never a traceback
+            except pysource.Unparsable as exc:
+                if exc.lineno is not None:
+                    continue  # a syntax error: vLLM ships no such file; nothing of it could run either
+                raise rel._refuse(f"{name} {exc.reason}") from None
             if in_model:
                 for mod in _imports(tree):
                     dist = DISTS.get(mod.split(".")[0])
@@ -246,11 +283,13 @@ def load_needs(folder: Path) -> Needs | None:
 
     path = Path(folder) / NEEDS_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = safeio.read_text(path, safeio.MAX_SET_FILE)  # a regular file only, bounded, strict UTF-8
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _bad(path, f"cannot be read ({exc})") from None
+    except safeio.Unsafe as exc:
+        raise _bad(path, exc.reason) from None
+    except OSError as exc:
+        raise _bad(path, f"cannot be read ({exc.strerror or exc})") from None
     try:
         data = loads(text)
     except TOMLDecodeError as exc:
@@ -292,7 +331,7 @@ def known_modules(patches_root: Path, dist: str) -> tuple[str, ...]:
     new pin's answer for)."""
     out: set[str] = set()
     for folder in sorted(Path(patches_root).iterdir()) if Path(patches_root).is_dir() else ():
-        if folder.name.startswith(".") or not (folder / NEEDS_FILE).is_file():
+        if folder.name.startswith(".") or not os.path.lexists(folder / NEEDS_FILE):
             continue
         needs = load_needs(folder)
         dn = needs.get(dist) if needs else None
