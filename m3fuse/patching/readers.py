@@ -49,7 +49,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import safeio
+from .. import pysource, safeio
 from ..errors import PatchSetError
 from ..tomlread import TOMLDecodeError, loads
 
@@ -274,8 +274,9 @@ class _Walker:
     def _parents(self, root: ast.AST) -> dict[ast.AST, ast.AST]:
         return {c: p for p in ast.walk(root) for c in ast.iter_child_nodes(p)}
 
-    def _key(self, text: str) -> str:
-        tree = ast.parse(text, mode="eval")
+    def _key(self, expr: ast.AST) -> str:
+        # A copy: the names are rewritten to their roles, the caller's tree stays as it is.
+        tree = copy.deepcopy(expr)
         for n in ast.walk(tree):
             if isinstance(n, ast.Name) and n.id in self.roles:
                 n.id = self.roles[n.id]
@@ -304,11 +305,11 @@ class _Walker:
             else:
                 call = p
                 if child is p.func:
-                    key = self._key(_src(p.func))
+                    key = self._key(p.func)
                 elif _is_layer_callee(p.func, self.layer_vars, self.containers):
                     key = LAYER
                 else:
-                    key = self._key(_src(p.func))
+                    key = self._key(p.func)
                 if _callee_name(p) == ALL_REDUCE and propagate:
                     flows = True
             role = self.roles.get(node.id, "{out}")
@@ -459,7 +460,7 @@ def _functions(tree: ast.Module):
 def derive(text: str, rel: str = MODEL, prefix: str = "") -> list[Read]:
     """Every read of a decoder layer's output or residual in `text`'s functions, in line order.
     `prefix` starts every key (a file other than the model: its path under the model's package)."""
-    tree = ast.parse(text)
+    tree = pysource.parse(text)
     reads: list[Read] = []
     for qualname, fn in _functions(tree):
         w = _Walker(fn, qualname, rel, prefix)
@@ -593,7 +594,7 @@ def loop_drift(pristine: str, patched: str, decl: Declarations, rel: str = MODEL
     flag). Every statement of upstream's loop must have a counterpart in it (compared as ASTs,
     locals renamed by order of definition, the set's flag bookkeeping left out), unless the set
     lists it under [[replaced]] with the reason. Returns the problems (empty: no drift)."""
-    new_tree, old_tree = ast.parse(patched), ast.parse(pristine)
+    new_tree, old_tree = pysource.parse(patched), pysource.parse(pristine)
     problems: list[str] = []
     copies = [(q, fn, loop) for q, fn in _functions(new_tree) for loop in _layer_loops(fn)
               if any(k.arg == FLAG_KEYWORD for s in loop.body if isinstance(s, ast.Assign)
@@ -661,7 +662,7 @@ def instrument(text: str, probe: str = "__m3_probe__") -> str:
     reader produces in the patched model with the release's. The set's fused reducer
     `fused_allreduce_gemma_rms_norm(out, res, NORM)` stands for the reader NORM (it is that
     norm, reduced first), so it is probed under NORM's key."""
-    tree = ast.parse(text)
+    tree = pysource.parse(text)
 
     class _Wrap(ast.NodeTransformer):
         def __init__(self, walker: _Walker, keys: set[str]):
@@ -675,9 +676,9 @@ def instrument(text: str, probe: str = "__m3_probe__") -> str:
             if name == ALL_REDUCE or name == probe:
                 return node
             if name == "fused_allreduce_gemma_rms_norm" and len(node.args) == 3:
-                key = self.w._key(_src(node.args[2]))
+                key = self.w._key(node.args[2])
             else:
-                key = self.w._key(_src(node.func))
+                key = self.w._key(node.func)
             if key not in self.keys:
                 return node
             return ast.copy_location(ast.Call(ast.Name(probe, ast.Load()), [ast.Constant(key), node.func, *node.args],
