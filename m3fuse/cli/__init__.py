@@ -222,12 +222,22 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
     def body() -> int:
         if no_wheels and no_patches:
             raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
+        if no_patches:
+            return steps(None)
+        # One run at a time, the wheel step included: the tree's run lock is held from before
+        # the wheels are judged until the patches are proved (the patch step takes it again).
+        vllm = locate(python=python, vllm_root=vllm_root)
+        if not (vllm.root / "vllm").is_dir():  # refused by the inspection below, with its reason
+            return steps(vllm)
+        with mutex.hold(vllm.root / "vllm", timeout=lock_timeout):
+            return steps(vllm)
+
+    def steps(vllm: Any) -> int:
         out: dict[str, Any] = {"ok": True, "command": "install"}
         if not no_patches:
             # Found and parsed once: every set's diffs (install refuses a malformed set), and the
             # vLLM the wheel step must not have changed.
             _describe_interrupt(python, vllm_root, patches_dir, "install")
-            vllm = locate(python=python, vllm_root=vllm_root)
             sets = load_all(patches_dir or resources.patches_dir(), parse=True)
         needs = None
         if not no_wheels and not no_patches:
@@ -243,7 +253,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
                                        find_links=list(find_links), python=python or sys.executable,
                                        allow_downgrade=allow_downgrade, break_system_packages=break_system_packages,
-                                       needs=needs, exact_pins=exact_pins)
+                                       needs=needs, exact_pins=exact_pins, lock_timeout=lock_timeout)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
             tree, actions = engine.converge(vllm, sets, engine.PATCHED, dry_run=dry_run, lock_timeout=lock_timeout,
