@@ -79,3 +79,72 @@ def test_an_interrupted_wheel_step_says_what_pip_left_and_install_again_repairs_
     r = subprocess.run(_cmd(lock, py, cache), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert all(s["ok"] for s in verify_pinned(lock, str(py), exact=True))
+
+
+def _rewrite_record(wheel: Path, extra_rows: str) -> None:
+    """Add rows to the wheel's own RECORD (what a tampered or careless build carries)."""
+    import zipfile
+
+    members = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for n in zf.namelist():
+            members[n] = zf.read(n)
+    rec = next(n for n in members if n.endswith(".dist-info/RECORD"))
+    members[rec] = members[rec] + extra_rows.encode()
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+
+
+def _small_lock(tmp_path: Path, version: str, extra_rows: str = "") -> Path:
+    wheel = build_wheel(tmp_path / f"wheels-{version}", "demo-rec", version)
+    if extra_rows:
+        _rewrite_record(wheel, extra_rows)
+    lock = tmp_path / f"rec-{version}.lock"
+    lock.write_text(lock_text([("demo-rec", version, [(wheel, wheel.as_uri())])]))
+    return lock
+
+
+def _install(lock: Path, py: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(lock, py, tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+
+
+def test_an_installed_record_naming_files_outside_site_packages_is_refused_before_pip(tmp_path):
+    """V13: pip's --force-reinstall deletes what the installed RECORD lists (inside the venv's
+    prefix in a venv; anything with a system Python). The rows are named and pip is not run."""
+    py = make_venv(tmp_path / "venv")
+    old = _small_lock(tmp_path, "0.9.0")
+    assert _install(old, py, tmp_path).returncode == 0
+    precious = tmp_path / "venv" / "precious.txt"
+    precious.write_text("keep me\n")
+    site = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    record = next(site.glob("demo_rec-0.9.0.dist-info")) / "RECORD"
+    with record.open("a") as f:
+        f.write("../../../precious.txt,,\n")
+    r = _install(_small_lock(tmp_path, "1.0.0"), py, tmp_path)
+    assert r.returncode == 5, (r.stdout, r.stderr)
+    assert "RECORD names files outside" in r.stderr and "../../../precious.txt" in r.stderr, r.stderr
+    assert str(record) in r.stderr and "pip was not run" in r.stderr, r.stderr
+    assert precious.read_text() == "keep me\n"
+    assert verify_pinned(old, str(py), exact=True)[0]["installed_version"] == "0.9.0"
+
+
+def test_a_wheel_whose_record_climbs_out_is_refused_before_pip(tmp_path):
+    """V13, the pinned wheel's side: pip keeps a wheel's RECORD rows that name no member in the
+    installed RECORD, for the next uninstall to delete."""
+    py = make_venv(tmp_path / "venv")
+    r = _install(_small_lock(tmp_path, "1.0.0", "../../../precious.txt,,\n/etc/hostname,,\n"), py, tmp_path)
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert "../../../precious.txt" in r.stderr and "/etc/hostname" in r.stderr, r.stderr
+    assert "pip was not run" in r.stderr
+    assert verify_pinned(_small_lock(tmp_path / "again", "1.0.0"), str(py), exact=True)[0]["state"] == "missing"
+
+
+def test_console_scripts_in_the_environments_bin_are_not_refused(tmp_path):
+    """The one legitimate row outside site-packages: pip's `../../../bin/NAME` for a script."""
+    from m3fuse.wheels.recordcheck import outside_rows
+
+    root = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    text = ("demo/__init__.py,sha256=x,1\n../../../bin/demo-cli,sha256=y,2\n../../../bin/sub/x,,\n"
+            "../../../precious.txt,,\n/etc/passwd,,\n")
+    assert outside_rows(text, root) == ["../../../bin/sub/x", "../../../precious.txt", "/etc/passwd"]

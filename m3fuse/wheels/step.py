@@ -148,6 +148,17 @@ def _install(opts: WheelOptions, cfg: FetchConfig, lock: Lock, dry_run: bool,
         # Every pin is intact (the probe proved version and RECORD): the checks below could
         # only repeat that probe.
         return results
+    # No RECORD pip acts on may name a file outside site-packages: neither the installed
+    # distribution pip replaces (it deletes what that RECORD lists) nor the wheel's own.
+    from .recordcheck import refuse_installed, refuse_wheel
+
+    for s in todo:
+        path = files[s.package.name]
+        assert path is not None
+        refuse_wheel(path, s.package.name)
+        root = (before.get(s.package.name) or {}).get("root")
+        if root:
+            refuse_installed(s.package.name, Path(root), python)
     # install: all wheels in one pip run. pip hashes each file as it reads it (--require-hashes),
     # so a file changed after our check is caught on the bytes actually installed.
     batch: list[tuple[Path, str]] = []
