@@ -212,10 +212,13 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
 @click.option("--break-system-packages", is_flag=True,
               help="Install into an externally managed (PEP 668) Python; passed on to pip.")
 @_exact_pins_option
+@click.option("--download-deadline", "deadline", type=float, default=None, metavar="SECONDS",
+              help="Give up on a wheel's download after this long, retries included (default: "
+                   "$M3FUSE_DOWNLOAD_DEADLINE, else 3600).")
 def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
             lock_timeout: float, no_wheels: bool, no_patches: bool, dry_run: bool, lock_path: Path | None,
             cache_dir: Path | None, find_links: tuple[Path, ...], allow_downgrade: bool,
-            break_system_packages: bool, exact_pins: bool) -> None:
+            break_system_packages: bool, exact_pins: bool, deadline: float | None) -> None:
     """Install the pinned wheels, then patch vLLM (or neither)."""
     echo = (lambda s: None) if as_json else click.echo
 
@@ -253,7 +256,8 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
                                        find_links=list(find_links), python=python or sys.executable,
                                        allow_downgrade=allow_downgrade, break_system_packages=break_system_packages,
-                                       needs=needs, exact_pins=exact_pins, lock_timeout=lock_timeout)
+                                       needs=needs, exact_pins=exact_pins, lock_timeout=lock_timeout,
+                                       deadline=deadline)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
             tree, actions = engine.converge(vllm, sets, engine.PATCHED, dry_run=dry_run, lock_timeout=lock_timeout,

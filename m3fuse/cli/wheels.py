@@ -38,14 +38,17 @@ _cache_option = click.option("--cache-dir", type=AbsPath(file_okay=False), defau
               help="Target interpreter whose tags choose the wheel (default: this Python).")
 @click.option("--all", "all_wheels", is_flag=True,
               help="Fetch every wheel in the lock, whatever the target interpreter.")
+@click.option("--download-deadline", "deadline", type=float, default=None, metavar="SECONDS",
+              help="Give up on a wheel's download after this long, retries included (default: "
+                   "$M3FUSE_DOWNLOAD_DEADLINE, else 3600).")
 def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, find_links: tuple[Path, ...],
-                  python: str | None, all_wheels: bool) -> None:
+                  python: str | None, all_wheels: bool, deadline: float | None) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
     from ..wheels.step import WheelOptions, fetch_only
 
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
-                        python=python or sys.executable, all_wheels=all_wheels)
+                        python=python or sys.executable, all_wheels=all_wheels, deadline=deadline)
     for p in fetch_only(opts, dest, echo=_echo):
         click.echo(str(p))
 

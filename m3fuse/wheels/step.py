@@ -59,11 +59,13 @@ class WheelOptions:
     needs: Needs | None = None  # what the target's vLLM release needs (its set's aiter-needs.toml)
     exact_pins: bool = False  # the pins decide alone: no newer build kept, the pin installed regardless
     lock_timeout: float = 60.0  # how long to wait for another m3fuse run on the same environment
+    deadline: float | None = None  # one wheel's whole download (None: fetch.deadline_seconds())
 
     def fetch_config(self, echo: Callable[[str], None]) -> FetchConfig:
         return FetchConfig(cache_dir=self.cache_dir, find_links=list(self.find_links), retries=self.retries,
                            backoff=self.backoff, connect_timeout=self.connect_timeout,
-                           read_timeout=self.read_timeout, progress=self.progress, echo=echo)
+                           read_timeout=self.read_timeout, progress=self.progress, echo=echo,
+                           deadline=self.deadline)
 
 
 def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
@@ -74,6 +76,9 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     the cache (or a --find-links folder / file:// URL) are verified and checked, the others are
     reported with the URL they would be downloaded from."""
     cfg = opts.fetch_config(echo)
+    from .fetch import deadline_seconds
+
+    deadline_seconds(cfg.deadline)  # a bad --download-deadline or variable is refused before anything
     lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
     if not lock.packages:
         echo(f"{lock.path} pins no wheels; nothing to install")
