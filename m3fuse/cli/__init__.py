@@ -450,7 +450,8 @@ def _refresh(patches: Path, source: Any, record: bool, check: bool, as_json: boo
     if others or (record and check):
         raise UsageProblem("--refresh / --record-resolutions take only --patches, --base-root, --wheels, "
                            "--check (with --refresh), --json and --lock-timeout: they work on every ported set.")
-    outcomes = lineage.refresh(patches, source, record=record, check=check, lock_timeout=lock_timeout)
+    outcomes = lineage.refresh(patches, source, record=record, check=check, lock_timeout=lock_timeout,
+                               echo=(lambda s: None) if as_json else (lambda s: click.echo(s, err=True)))
     stale = [o.name for o in outcomes if o.changed]
     if check and stale:
         raise IntegrityError(headline="ported sets differ from what their bases and resolutions give",

@@ -29,7 +29,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .. import resources
-from .. import safeio
+from .. import ownedpaths, safeio
 from ..errors import EnvironmentProblem, IntegrityError, M3fuseError, RedirectRefused, Row
 from ..fingerprint import hash_file
 from .lock import LockedWheel
@@ -110,7 +110,10 @@ class FetchConfig:
         its folders is a symlink, another user's, or writable by others (docs/reliability.md)."""
         root = self.cache_root()
         try:
-            return safeio.own_dir(root, *parts)
+            # Every folder from / down is checked, not only the cache's parent (ownedpaths.py).
+            got = ownedpaths.own_dir(root, *parts)
+            assert got is not None
+            return got
         except safeio.Unsafe as exc:
             raise safeio.refusal(exc, nothing="nothing was downloaded or installed",
                                  hint=f"m3fuse uses only a cache folder it owns (as pip does); pass a private "
@@ -144,8 +147,8 @@ def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int, 
         # One sentence whatever the file is: neither its hash nor its size, nor how its size
         # compares with the pin (a lock naming /etc/shadow would otherwise learn its length).
         return [("", wheel.name), ("from", source), ("expected", f"sha256 {wheel.sha256}"),
-                ("got", "another file (nothing about it is shown: it is not named like the wheel, so it is not "
-                        "m3fuse's to describe)")]
+                ("got", "another file (its hash, its size and how that compares with the pin are not shown: it is "
+                        "not named like the wheel, so it is not m3fuse's to describe)")]
     if wheel.size is not None and got_size != wheel.size:
         size = (f"expected {wheel.size} bytes, got {got_size}: "
                 + ("the file is truncated, so the transfer was cut short" if got_size < wheel.size
