@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .. import interrupt
+from ..textsafe import one_line
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
 from . import atomic, mutex, setwriter
@@ -301,7 +302,7 @@ def describe(outcomes: list[Outcome], *, record: bool, check: bool) -> list[str]
     for o in outcomes:
         res = [f["path"].rsplit("/", 1)[-1] for f in o.files if f["resolution"]]
         state = (verb if o.changed else "unchanged")
-        lines.append(f"  {o.name:<16} {state:<12} resolutions: {', '.join(res) or 'none'}")
+        lines.append(f"  {one_line(o.name):<16} {state:<12} resolutions: {one_line(', '.join(res)) or 'none'}")
     changed = sum(o.changed for o in outcomes)
     head = f"port: {len(outcomes)} ported set(s), {changed} {verb if changed else 'changed'}"
     return [head] + lines
