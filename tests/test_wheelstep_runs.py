@@ -61,7 +61,11 @@ def test_an_interrupted_wheel_step_says_what_pip_left_and_install_again_repairs_
     for line in proc.stdout:
         if "installing 1 wheel(s) with" in line:
             break
-    time.sleep(0.4)  # pip is unpacking by now
+    # Signal once pip has begun to unpack (its package folder appears), as the new user did.
+    site = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    deadline = time.monotonic() + 120
+    while not (site / "demo_big").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert proc.poll() is None, "pip finished before the signal; make the wheel larger"
     os.killpg(proc.pid, signal.SIGINT)
     code = proc.wait(timeout=300)
