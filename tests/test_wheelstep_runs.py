@@ -152,3 +152,36 @@ def test_console_scripts_in_the_environments_bin_are_not_refused(tmp_path):
     text = ("demo/__init__.py,sha256=x,1\n../../../bin/demo-cli,sha256=y,2\n../../../bin/sub/x,,\n"
             "../../../precious.txt,,\n/etc/passwd,,\n")
     assert outside_rows(text, root) == ["../../../bin/sub/x", "../../../precious.txt", "/etc/passwd"]
+
+
+def test_two_concurrent_full_installs_run_one_pip_and_patch_once(tmp_path):
+    """The whole `install` (wheels, then patches) on a real venv holding the real vLLM 0.26.0:
+    the tree's run lock is held over the wheel step too, so the second run waits, then finds
+    the wheels installed and the tree patched."""
+    import realvllm
+    import venvs
+    from m3fuse.fingerprint import sha256_file
+    from wheelkit import FaultServer, aiter_wheel
+
+    py = venvs.make_venv(tmp_path / "venv")
+    venvs.pip(py, "install", "--no-deps", "--no-index", str(realvllm.wheel_path("0.26.0")))
+    sp = venvs.site_packages(py)
+    fly_files = {f"flydsl/m{i:04d}.py": "X = 1\n" + "# padding\n" * 40 for i in range(FILES)}
+    fly_files["flydsl/__init__.py"] = "X = 1\n"
+    fly = build_wheel(tmp_path / "w", "flydsl", "0.1.9.dev1+e2e", fly_files)
+    aiter = aiter_wheel(tmp_path / "w", "0.1.15.post1+rocm7.2.e2e")
+    with FaultServer() as srv:
+        lock = tmp_path / "test.lock"
+        lock.write_text(lock_text([srv.pin("flydsl", "0.1.9.dev1+e2e", fly),
+                                   srv.pin("amd-aiter", "0.1.15.post1+rocm7.2.e2e", aiter)]))
+        cmds = [[sys.executable, "-m", "m3fuse", "install", "--lock", str(lock), "--python", str(py), "--cache-dir",
+                 str(tmp_path / f"cache{i}")] for i in range(2)]
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert len([out for _, out, _ in results if "installing 2 wheel(s) with" in out]) == 1, results
+    assert len([out for _, out, _ in results if "patched: " in out]) == 1, results
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "verify", "--lock", str(lock), "--python", str(py)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sha256_file(sp / realvllm.MODEL)  # the tree is there and readable after both runs
