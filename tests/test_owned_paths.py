@@ -91,12 +91,14 @@ def test_a_symlinked_set_folder_is_never_written_through(patches, wheels, tmp_pa
     shutil.move(str(patches / "vllm-0.28.0"), str(elsewhere))
     (patches / "vllm-0.28.0").symlink_to(elsewhere)
     before = _tree(elsewhere.parent)
+    sets_before = snapshot_sets(patches)
     r = refresh(patches, wheels)
     assert r.returncode == 5, (r.stdout, r.stderr)
     assert "vllm-0.28.0" in r.stderr and "symbolic link" in r.stderr, r.stderr
     assert _tree(elsewhere.parent) == before
     assert not (elsewhere / MARKER).exists()
     assert [p.name for p in patches.iterdir() if STAGE_MARK in p.name] == []
+    assert snapshot_sets(patches) == sets_before  # the refusal came before any set was replaced
 
 
 def test_signals_during_a_refresh_leave_no_stage_folder(patches, wheels, tmp_path):  # noqa: F811

@@ -247,6 +247,10 @@ def refresh(patches: Path, source: BaseSource, *, record: bool = False, check: b
     with interrupt.describing(lambda: f"`m3fuse port --refresh` on {patches} {what}"), \
             mutex.hold(patches, timeout=lock_timeout, what=f"the patches folder {patches}"):
         if not check:
+            # Every set folder a refresh may replace is checked before anything is written,
+            # so a refusal (a symlinked set folder, say) leaves every set as it was.
+            for s in derived_in_order(load_all(patches)):
+                check_set_folder(s.folder)
             # A run stopped by SIGKILL (a signal is held until a swap is done) left these.
             for gone in clean_stages(patches):
                 echo(f"port: removed {gone.name}, a stage folder an interrupted refresh left behind")
