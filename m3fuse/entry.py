@@ -3,7 +3,7 @@ moment this module is imported, then the command line.
 
 Importing the CLI loads click and the patch engine (100-300 ms on a cold start). A signal in
 that time used to meet Python's default handling: a KeyboardInterrupt traceback, or death by
-SIGTERM. So the last statement of this module, run as the console script imports it, points
+SIGTERM. So the first statements of this module, run as the console script imports it, point
 both signals at `_early`, which only notes them (it uses the builtin `_signal`: importing
 `signal` builds its enums, time in which a Ctrl-C would still be Python's). `main()` then
 installs m3fuse's real handlers (interrupt.py) before the first heavy import, and a signal
@@ -27,10 +27,18 @@ def _early(signum: int, frame: object) -> None:
     _pending = _pending or signum
 
 
-def main() -> None:
-    try:
-        from . import interrupt
+# As early as the module allows: from here a signal is noted, never raised.
+try:
+    _signal.signal(_signal.SIGINT, _early)
+    _signal.signal(_signal.SIGTERM, _early)
+except ValueError:  # imported outside the main thread (not as the console script): leave signals be
+    pass
 
+
+def main() -> None:
+    from . import interrupt  # os and signal only; a signal meanwhile is noted by _early
+
+    try:
         if _pending:
             raise interrupt.Signalled(_pending)
         interrupt.install()
@@ -39,12 +47,10 @@ def main() -> None:
         from .cli import main as cli_main
 
         cli_main()  # click's main reports a signal itself from here on (cli._Group.main)
-    except KeyboardInterrupt:  # cannot happen once _early is in place; kept for an embedding host
+    except interrupt.Signalled as sig:  # while the CLI was still loading
+        _interrupted(sig.signum)
+    except KeyboardInterrupt:  # only where _early could not be installed (not the main thread)
         _interrupted(int(_signal.SIGINT))
-    except BaseException as exc:
-        if type(exc).__name__ == "Signalled" and type(exc).__module__ == "m3fuse.interrupt":
-            _interrupted(exc.signum)  # type: ignore[attr-defined]
-        raise
 
 
 def _interrupted(signum: int) -> None:
@@ -61,11 +67,3 @@ def _interrupted(signum: int) -> None:
         sys.stderr.flush()
     finally:
         sys.exit(EXIT_INTERRUPTED)
-
-
-# Last, so nothing of this module runs after it: from here a signal is noted, never raised.
-try:
-    _signal.signal(_signal.SIGINT, _early)
-    _signal.signal(_signal.SIGTERM, _early)
-except ValueError:  # imported outside the main thread (not as the console script): leave signals be
-    pass
