@@ -89,6 +89,23 @@ def describe_with(fn: Callable[[], str] | None) -> None:
     _describe = fn
 
 
+@contextmanager
+def describing(fn: Callable[[], str]) -> Iterator[None]:
+    """`fn` describes an interrupt inside the block (and one deferred to its end); the
+    describer before it is back afterwards."""
+    global _describe
+    before = _describe
+    _describe = fn
+    try:
+        yield
+    except Signalled:
+        raise  # reported (by the CLI) with `fn`: the block is where it came from
+    except BaseException:
+        _describe = before
+        raise
+    _describe = before
+
+
 def report(sig: Signalled) -> str:
     """The one line printed for an interrupted run."""
     # No describer yet: the command had not started its work (each writing command sets one

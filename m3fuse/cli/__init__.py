@@ -9,6 +9,9 @@ from typing import Any
 
 import click
 
+from . import term
+from ..textsafe import one_line
+
 from .. import __version__, interrupt, resources
 from ..patching import engine, mutex
 from ..errors import EXIT_CODES_HELP, EXIT_OK, Interrupted, M3fuseError, UsageProblem
@@ -33,7 +36,7 @@ def _emit_error(exc: M3fuseError, as_json: bool, extra: dict[str, Any] | None = 
         body.update(extra or {})
         click.echo(_dumps(body))
     else:
-        click.echo(f"m3fuse: error: {exc.message}", err=True)
+        term.echo(f"m3fuse: error: {exc.message}", err=True)
     return exc.exit_code
 
 
@@ -52,7 +55,7 @@ def _aiter_warnings(rep: dict[str, Any], as_json: bool) -> None:
 
     if not as_json:
         for line in describe(rep):
-            click.echo(f"m3fuse: warning: {line}", err=True)
+            term.echo(f"m3fuse: warning: {line}", err=True)
 
 
 _exact_pins_option = click.option(
@@ -141,7 +144,7 @@ class _Group(click.Group):
             return super().main(*args, **kwargs)
         except interrupt.Signalled as sig:
             exc = Interrupted(interrupt.report(sig))
-            click.echo(f"m3fuse: {exc.message}", err=True)
+            term.echo(f"m3fuse: {one_line(exc.message)}", err=True)  # one line, whatever the paths hold
             sys.exit(exc.exit_code)
         finally:
             interrupt.ignore()
@@ -154,9 +157,9 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
     from ..catalog import version_line
 
     try:
-        click.echo(version_line(__version__, load_all(resources.patches_dir())))
+        term.echo(version_line(__version__, load_all(resources.patches_dir())))
     except M3fuseError as exc:
-        click.echo(f"m3fuse {__version__} (its patch sets cannot be read: {exc.message})")
+        term.echo(f"m3fuse {__version__} (its patch sets cannot be read: {exc.message})")
     ctx.exit()
 
 
@@ -212,22 +215,35 @@ def _transition(goal: str, python: str | None, vllm_root: Path | None, patches_d
 @click.option("--break-system-packages", is_flag=True,
               help="Install into an externally managed (PEP 668) Python; passed on to pip.")
 @_exact_pins_option
+@click.option("--download-deadline", "deadline", type=float, default=None, metavar="SECONDS",
+              help="Give up on a wheel's download after this long, retries included (default: "
+                   "$M3FUSE_DOWNLOAD_DEADLINE, else 3600).")
 def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
             lock_timeout: float, no_wheels: bool, no_patches: bool, dry_run: bool, lock_path: Path | None,
             cache_dir: Path | None, find_links: tuple[Path, ...], allow_downgrade: bool,
-            break_system_packages: bool, exact_pins: bool) -> None:
+            break_system_packages: bool, exact_pins: bool, deadline: float | None) -> None:
     """Install the pinned wheels, then patch vLLM (or neither)."""
-    echo = (lambda s: None) if as_json else click.echo
+    echo = (lambda s: None) if as_json else term.echo
 
     def body() -> int:
         if no_wheels and no_patches:
             raise UsageProblem("--no-wheels and --no-patches together leave nothing to do; drop one.")
+        if no_patches:
+            return steps(None)
+        # One run at a time, the wheel step included: the tree's run lock is held from before
+        # the wheels are judged until the patches are proved (the patch step takes it again).
+        vllm = locate(python=python, vllm_root=vllm_root)
+        if not (vllm.root / "vllm").is_dir():  # refused by the inspection below, with its reason
+            return steps(vllm)
+        with mutex.hold(vllm.root / "vllm", timeout=lock_timeout):
+            return steps(vllm)
+
+    def steps(vllm: Any) -> int:
         out: dict[str, Any] = {"ok": True, "command": "install"}
         if not no_patches:
             # Found and parsed once: every set's diffs (install refuses a malformed set), and the
             # vLLM the wheel step must not have changed.
             _describe_interrupt(python, vllm_root, patches_dir, "install")
-            vllm = locate(python=python, vllm_root=vllm_root)
             sets = load_all(patches_dir or resources.patches_dir(), parse=True)
         needs = None
         if not no_wheels and not no_patches:
@@ -243,7 +259,8 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
             opts = wheels.WheelOptions(lock_path=lock_path or resources.default_lock(), cache_dir=cache_dir,
                                        find_links=list(find_links), python=python or sys.executable,
                                        allow_downgrade=allow_downgrade, break_system_packages=break_system_packages,
-                                       needs=needs, exact_pins=exact_pins)
+                                       needs=needs, exact_pins=exact_pins, lock_timeout=lock_timeout,
+                                       deadline=deadline)
             out["wheels"] = wheels.install_pinned(opts, dry_run=dry_run, echo=echo)
         if not no_patches:
             tree, actions = engine.converge(vllm, sets, engine.PATCHED, dry_run=dry_run, lock_timeout=lock_timeout,
@@ -272,7 +289,7 @@ def install(python: str | None, vllm_root: Path | None, patches_dir: Path | None
 def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
            lock_timeout: float, dry_run: bool) -> None:
     """Restore the pristine vLLM files exactly (the wheels stay installed)."""
-    echo = (lambda s: None) if as_json else click.echo
+    echo = (lambda s: None) if as_json else term.echo
 
     def body() -> int:
         tree, actions = _transition(engine.PRISTINE, python, vllm_root, patches_dir, dry_run, lock_timeout, echo)
@@ -316,11 +333,11 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         if as_json:
             click.echo(_dumps(out))
         else:
-            click.echo(tree_table(tree))
+            term.echo(tree_table(tree))
             _aiter_warnings(out["aiter"], as_json)
             for f in failures:
-                click.echo(f"FAIL: {f}", err=True)
-            click.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")
+                term.echo(f"FAIL: {f}", err=True)
+            term.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")
         return code
 
     _run(as_json, body)
@@ -336,7 +353,7 @@ def status(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         if as_json:
             click.echo(_dumps({"ok": True, "command": "status", **tree_json(tree)}))
         else:
-            click.echo(tree_table(tree))
+            term.echo(tree_table(tree))
         return EXIT_OK
 
     _run(as_json, body)
@@ -383,7 +400,7 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
     from ..patching import port as porting
     from ..patching.basesource import BaseSource
 
-    echo = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    echo = (lambda s: None) if as_json else (lambda s: term.echo(s, err=True))
 
     def body() -> int:
         source = BaseSource(list(base_roots), list(wheel_dirs), echo=echo)
@@ -417,11 +434,11 @@ def port(python: str | None, vllm_root: Path | None, bases: tuple[str, ...], nam
         if as_json:
             click.echo(_dumps({"ok": True, "command": "port", **result.to_json(), **extra}))
         elif result.set_dir is None:
-            click.echo(f"port: the merge is clean; edit {result.workdir}/merged/ and run "
+            term.echo(f"port: the merge is clean; edit {result.workdir}/merged/ and run "
                        f"`m3fuse port --resume {result.workdir}` to write the set.")
         else:
-            click.echo("\n".join(porting.describe(result)))
-            click.echo(porting.next_steps(result, dest))
+            term.echo("\n".join(porting.describe(result)))
+            term.echo(porting.next_steps(result, dest))
         return EXIT_OK
 
     _run(as_json, body)
@@ -435,7 +452,8 @@ def _refresh(patches: Path, source: Any, record: bool, check: bool, as_json: boo
     if others or (record and check):
         raise UsageProblem("--refresh / --record-resolutions take only --patches, --base-root, --wheels, "
                            "--check (with --refresh), --json and --lock-timeout: they work on every ported set.")
-    outcomes = lineage.refresh(patches, source, record=record, check=check, lock_timeout=lock_timeout)
+    outcomes = lineage.refresh(patches, source, record=record, check=check, lock_timeout=lock_timeout,
+                               echo=(lambda s: None) if as_json else (lambda s: term.echo(s, err=True)))
     stale = [o.name for o in outcomes if o.changed]
     if check and stale:
         raise IntegrityError(headline="ported sets differ from what their bases and resolutions give",
@@ -445,7 +463,7 @@ def _refresh(patches: Path, source: Any, record: bool, check: bool, as_json: boo
         click.echo(_dumps({"ok": True, "command": "port", "mode": "record" if record else "refresh",
                            "sets": [o.to_json() for o in outcomes]}))
     else:
-        click.echo("\n".join(lineage.describe(outcomes, record=record, check=check)))
+        term.echo("\n".join(lineage.describe(outcomes, record=record, check=check)))
     return EXIT_OK
 
 

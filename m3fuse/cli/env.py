@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from . import term
 from . import CONTEXT, _run, _tree, target_options
 from ..errors import EXIT_CODES_HELP, EXIT_OK
 from ..runtime.env import ARMS, FORMATS, arm_env, render
@@ -27,8 +28,8 @@ def env_command(arm: str, python: str | None, vllm_root: Path | None, patches_di
         result = arm_env(arm, tree)
         if fmt != "json":
             for note in result.notes:
-                click.echo(f"m3fuse env: note: {note}", err=True)
-        click.echo(render(result, fmt, tree))
+                term.echo(f"m3fuse env: note: {note}", err=True)
+        term.echo(render(result, fmt, tree))
         return EXIT_OK
 
     _run(fmt == "json", body)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from . import term
+
 from ..errors import PatchSetError, UsageProblem
 
 
@@ -49,7 +51,7 @@ def needs_command(set_dir: Path, releases: tuple[Path, ...], check: bool) -> Non
             raise PatchSetError(headline=f"{path} is {'stale' if old else 'missing'}",
                                 details=[("set", patch_set.name)],
                                 hint=f"regenerate it: m3fuse needs {set_dir} " + " ".join(f"--vllm {r}" for r in releases))
-        click.echo(f"{path}: up to date")
+        term.echo(f"{path}: up to date")
         return
     write_needs(path, text)
-    click.echo(f"wrote {path}")
+    term.echo(f"wrote {path}")

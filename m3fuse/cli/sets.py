@@ -8,7 +8,7 @@ import click
 
 from .. import resources
 from ..catalog import catalog, render
-from . import CONTEXT, _dumps, _run
+from . import CONTEXT, _dumps, _run, term
 from .paths import AbsPath
 from ..errors import EXIT_CODES_HELP, EXIT_OK
 from ..patching.patchset import load_all
@@ -26,7 +26,10 @@ def sets_command(patches_dir: Path | None, lock_path: Path | None, as_json: bool
     def body() -> int:
         folder = patches_dir or resources.patches_dir()
         cat = catalog(load_all(folder), folder, lock_path or resources.default_lock())
-        click.echo(_dumps({"ok": True, "command": "sets", **cat}) if as_json else render(cat))
+        if as_json:
+            click.echo(_dumps({"ok": True, "command": "sets", **cat}))  # exact strings: JSON escapes them
+        else:
+            term.echo(render(cat))
         return EXIT_OK
 
     _run(as_json, body)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from . import term
+
 from .paths import AbsPath, absolute_python
 from ..errors import EnvironmentProblem, UsageProblem
 from ..wheels.lock import LockedWheel, add_wheel, load_lock, url_problem
@@ -18,7 +20,7 @@ from ..resources import default_lock, refuse_writing_into_package
 
 
 def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+    term.echo(msg, err=True)
 
 
 _lock_option = click.option("--lock", "lock_path", type=AbsPath(dir_okay=False),
@@ -38,16 +40,19 @@ _cache_option = click.option("--cache-dir", type=AbsPath(file_okay=False), defau
               help="Target interpreter whose tags choose the wheel (default: this Python).")
 @click.option("--all", "all_wheels", is_flag=True,
               help="Fetch every wheel in the lock, whatever the target interpreter.")
+@click.option("--download-deadline", "deadline", type=float, default=None, metavar="SECONDS",
+              help="Give up on a wheel's download after this long, retries included (default: "
+                   "$M3FUSE_DOWNLOAD_DEADLINE, else 3600).")
 def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, find_links: tuple[Path, ...],
-                  python: str | None, all_wheels: bool) -> None:
+                  python: str | None, all_wheels: bool, deadline: float | None) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
     from ..wheels.step import WheelOptions, fetch_only
 
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
-                        python=python or sys.executable, all_wheels=all_wheels)
+                        python=python or sys.executable, all_wheels=all_wheels, deadline=deadline)
     for p in fetch_only(opts, dest, echo=_echo):
-        click.echo(str(p))
+        term.echo(str(p))
 
 
 @click.group("lock")
@@ -120,7 +125,7 @@ def lock_add(source: str, lock_path: Path | None, cache_dir: Path | None, record
         facts = wheel_facts(path, name, version, sha, patches_dir())
     _warn_unusual_pin(lock_path, name, url)
     action = add_wheel(lock_path, name, version, LockedWheel(fname, url, sha, size), facts=facts)
-    click.echo(f"{action}: {name} {version} {fname} sha256={sha} size={size} in {lock_path}")
+    term.echo(f"{action}: {name} {version} {fname} sha256={sha} size={size} in {lock_path}")
 
 
 def _warn_unusual_pin(lock_path: Path, name: str, url: str) -> None:
@@ -174,18 +179,18 @@ def lock_check(lock_path: Path | None, cache_dir: Path | None, write_sizes: bool
                         sha, size = download(w.url, tmp, cfg, label=w.name, expected_size=w.size)
                 except EnvironmentProblem as exc:
                     unreachable += [("", w.name), ("error", exc.headline), *exc.details]
-                    click.echo(f"UNREACHABLE {w.name}")
+                    term.echo(f"UNREACHABLE {w.name}")
                     continue
                 finally:
                     tmp.unlink(missing_ok=True)
                 if sha != w.sha256 or (w.size is not None and size != w.size):
                     bad += mismatch_rows(w, w.url, sha, size, reveal=src is None or src.name == w.name)
-                    click.echo(f"MISMATCH {w.name}")
+                    term.echo(f"MISMATCH {w.name}")
                     continue
-                click.echo(f"ok {w.name} sha256={sha} size={size}")
+                term.echo(f"ok {w.name} sha256={sha} size={size}")
                 if w.size is None and write_sizes:
                     set_size(lock_path, w.name, size)
-                    click.echo(f"  recorded size {size} in {lock_path}")
+                    term.echo(f"  recorded size {size} in {lock_path}")
     if bad:
         raise mismatch_error(bad, removed=False)
     if unreachable:

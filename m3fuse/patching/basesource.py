@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import safeio
 from ..fingerprint import sha256_bytes
-from . import atomic
+from .. import ownedpaths
 from .patchset import PatchSet, Target
 
 
@@ -42,14 +42,14 @@ def _wheels_for(version: str, dirs: list[Path]) -> list[Path]:
 
 
 def store(cache: Path, data: bytes) -> None:
-    """Put `data` in the content-addressed cache: a file under its own sha256 is whole or absent."""
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / sha256_bytes(data)
-    if dest.is_file():
-        return
-    tmp = atomic.temp_name(dest)
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    """Put `data` in the content-addressed cache: a file under its own sha256 is whole or absent.
+    The cache and every folder above it are checked first, and the file is written relative to
+    the checked folder (ownedpaths.py): a `pristine` symlink planted in a shared cache is refused,
+    never written through."""
+    from .portfs import own_folder
+
+    own_folder(cache, "cache folder")
+    ownedpaths.write_into(cache, sha256_bytes(data), data, mode=0o644)
 
 
 @dataclass
@@ -58,6 +58,10 @@ class BaseSource:
     wheel_dirs: list[Path] = field(default_factory=list)
     cache: Path | None = None
     echo: Callable[[str], None] = lambda _: None
+    # `port --refresh --check`: nothing is written, not even to the cache; files read out of
+    # wheels are kept in memory for the run.
+    read_only: bool = False
+    _memory: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cache is None:
@@ -79,7 +83,10 @@ class BaseSource:
                             except KeyError:
                                 continue
                             if sha256_bytes(data) == pin:
-                                store(self.cache, data)
+                                if self.read_only:
+                                    self._memory[pin] = data
+                                else:
+                                    store(self.cache, data)
                                 del want[rel]
                 except (OSError, safeio.Unsafe):
                     continue  # not a usable wheel: the next source is tried, and named if all fail
@@ -89,7 +96,12 @@ class BaseSource:
         from .port import base_files
         assert self.cache is not None
         self._prime(pset, targets)
-        return base_files(pset, targets, base_roots=self.base_roots, cache=self.cache, echo=self.echo)
+        got = {t.path: self._memory[t.pristine_sha256] for t in targets if t.pristine_sha256 in self._memory}
+        rest = [t for t in targets if t.path not in got]
+        if rest:
+            got.update(base_files(pset, rest, base_roots=self.base_roots, cache=self.cache, echo=self.echo,
+                                  store=not self.read_only))
+        return got
 
     def pristine(self, pset: PatchSet, target: Target) -> bytes:
         return self.files(pset, [target])[target.path]

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .. import safeio
+from .. import interrupt, safeio
+from ..textsafe import one_line
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, PatchSetError
 from ..fingerprint import sha256_bytes
 from . import atomic, mutex, setwriter
@@ -33,8 +34,8 @@ from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
 from .patchset import MANIFEST, PatchSet, Target, _read_set_file, load_all, load_patchset
 from .port import MARKERS, MergedFile, _prove_set, merge_file
+from .portfs import MARKER, STAGE_MARK, check_set_folder, clean_stages, mark, unmark, write_folder
 from .readers import READERS_FILE
-from .portfs import MARKER, STAGE_MARK, clean_stages, mark, unmark, write_folder
 
 RESOLUTION_SUFFIX = ".resolution.diff"
 
@@ -223,6 +224,7 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
     """Put `files` in place of the set folder: staged and proved by port's writer under a
     stage name, then swapped with the old folder in one rename. A kill leaves the old set or
     the new one, plus at most a marked stage folder that the next run removes."""
+    check_set_folder(folder)  # never through a symlinked set folder or an unsafe patches folder
     new = folder.parent / f".{folder.name}{STAGE_MARK}{os.getpid()}-{os.urandom(4).hex()}-new"
     write_folder(new, files, prove, keep_marker=True)
     # The old set leaves under the stage name, so it must carry the marker before the swap;
@@ -243,13 +245,25 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
 
 # ----------------------------------------------------------------------------- commands
 def refresh(patches: Path, source: BaseSource, *, record: bool = False, check: bool = False,
-            lock_timeout: float = mutex.DEFAULT_TIMEOUT) -> list[Outcome]:
+            lock_timeout: float = mutex.DEFAULT_TIMEOUT, echo: Callable[[str], None] = lambda _: None) -> list[Outcome]:
     """Re-derive (or with `record`, record the resolutions of) every ported set under `patches`.
-    `check` writes nothing: the outcomes say which sets differ from a fresh derivation."""
+    `check` writes nothing at all, not even to the pristine cache: the outcomes say which sets
+    differ from a fresh derivation."""
     outcomes: list[Outcome] = []
-    with mutex.hold(patches, timeout=lock_timeout):
+    if check:
+        source.read_only = True
+    what = "wrote nothing" if check else ("left each ported set whole (its old files or its new ones) and no stage "
+                                          "folder; run it again to finish")
+    with interrupt.describing(lambda: f"`m3fuse port --refresh` on {patches} {what}"), \
+            mutex.hold(patches, timeout=lock_timeout, what=f"the patches folder {patches}"):
         if not check:
-            clean_stages(patches)
+            # Every set folder a refresh may replace is checked before anything is written,
+            # so a refusal (a symlinked set folder, say) leaves every set as it was.
+            for s in derived_in_order(load_all(patches)):
+                check_set_folder(s.folder)
+            # A run stopped by SIGKILL (a signal is held until a swap is done) left these.
+            for gone in clean_stages(patches):
+                echo(f"port: removed {gone.name}, a stage folder an interrupted refresh left behind")
             for folder in sorted(p for p in patches.iterdir() if p.is_dir() and not p.is_symlink()):
                 unmark(folder)
         sets = load_all(patches, parse=True)
@@ -269,7 +283,10 @@ def refresh(patches: Path, source: BaseSource, *, record: bool = False, check: b
                                 "resolution": resolution_name(f.path) in files} for f in finals])
             outcomes.append(outcome)
             if outcome.changed and not check:
-                replace_set(s.folder, files, _prove_set(finals))
+                # A signal waits until the set is swapped and its stage removed: a refresh
+                # stopped by SIGINT/SIGTERM leaves no stage folder.
+                with interrupt.deferred():
+                    replace_set(s.folder, files, _prove_set(finals))
                 by_name[s.name] = load_patchset(s.folder).parse()
     return outcomes
 
@@ -299,7 +316,7 @@ def describe(outcomes: list[Outcome], *, record: bool, check: bool) -> list[str]
     for o in outcomes:
         res = [f["path"].rsplit("/", 1)[-1] for f in o.files if f["resolution"]]
         state = (verb if o.changed else "unchanged")
-        lines.append(f"  {o.name:<16} {state:<12} resolutions: {', '.join(res) or 'none'}")
+        lines.append(f"  {one_line(o.name):<16} {state:<12} resolutions: {one_line(', '.join(res)) or 'none'}")
     changed = sum(o.changed for o in outcomes)
     head = f"port: {len(outcomes)} ported set(s), {changed} {verb if changed else 'changed'}"
     return [head] + lines

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import pysource, resources, safeio
+from .. import interrupt, ownedpaths, pysource, resources, safeio
 from ..errors import EnvironmentProblem, IntegrityError, MergeConflict, UnsupportedError, UsageProblem
 from ..fingerprint import record_hashes_for, sha256_bytes
 from ..target import VllmTarget
@@ -169,21 +169,22 @@ def default_cache() -> Path:
 
 
 def base_files(pset: PatchSet, targets: list[Target], *, base_roots: list[Path], cache: Path,
-               echo: Callable[[str], None]) -> dict[str, bytes]:
+               echo: Callable[[str], None], store: bool = True) -> dict[str, bytes]:
     """The set's own pristine files, each proved by its pin: from the first --base-root that
-    holds it, else the cache, else the base release's wheel."""
+    holds it, else the cache, else the base release's wheel. Without `store` nothing is
+    written (the cache is read when it exists and passes the checks)."""
     want = {t.path: t.pristine_sha256 for t in targets}
     got: dict[str, bytes] = {}
-    cache = portfs.own_folder(cache, "cache folder")
+    checked = portfs.own_folder(cache, "cache folder", create=store)
     for rel, pin in want.items():
-        for root, name in [(root, rel) for root in base_roots] + [(cache, pin)]:
+        for root, name in [(root, rel) for root in base_roots] + ([(checked, pin)] if checked else []):
             data = portfs.read_cached(root, name)  # regular files only, no symlink followed
             if data is not None and sha256_bytes(data) == pin:
                 got[rel] = data
                 break
     missing = {rel: want[rel] for rel in want if rel not in got}
     if missing:
-        got.update(_from_release_wheel(pset, missing, cache, echo))
+        got.update(_from_release_wheel(pset, missing, cache, echo, store=store))
     return got
 
 
@@ -197,7 +198,7 @@ def _check_pin(where: Path | str, data: bytes, pin: str, pset: PatchSet) -> None
 
 
 def _from_release_wheel(pset: PatchSet, want: dict[str, str], cache: Path,
-                        echo: Callable[[str], None]) -> dict[str, bytes]:
+                        echo: Callable[[str], None], *, store: bool = True) -> dict[str, bytes]:
     version = pset.vllm_versions[0]
     from .basesource import pip_config_sources
     echo(f"port: downloading vLLM {version}'s wheel (about 300 MB) for the base files of {pset.name}, "
@@ -226,12 +227,13 @@ def _from_release_wheel(pset: PatchSet, want: dict[str, str], cache: Path,
                                          f"made from it.") from None
                 _check_pin(f"{wheels[0].name}:{rel}", data, pin, pset)
                 got[rel] = data
-    cache = portfs.own_folder(cache, "cache folder")
+    if not store:
+        return got
+    portfs.own_folder(cache, "cache folder")
     for rel, data in got.items():
-        # Content-addressed: a file under its own sha256 is either whole or absent.
-        tmp_path = atomic.temp_name(cache / want[rel])
-        tmp_path.write_bytes(data)
-        os.replace(tmp_path, cache / want[rel])
+        # Content-addressed: a file under its own sha256 is either whole or absent; written
+        # relative to the checked folder, never through a link.
+        ownedpaths.write_into(cache, want[rel], data, mode=0o644)
     return got
 
 
@@ -281,12 +283,12 @@ def write_set(out: Path, name: str, versions: list[str], summary: str, files: li
               ported_from: str, *, lock_timeout: float, extra: dict[str, bytes] | None = None) -> Path:
     changes = [setwriter.FileChange(f.path, f.pristine, f.merged, f.ported_from) for f in files]
     rendered = {**setwriter.render(name, versions, summary, changes, ported_from=ported_from), **(extra or {})}
-    out.mkdir(parents=True, exist_ok=True)
+    portfs.own_folder(out, "--out folder", parent_only=True)  # every folder from / down checked before the first write
     # No more readable than what it was made from (a work folder's 0600 file stays private).
     mode = 0o644
     for f in files:
         mode &= f.mode
-    with mutex.hold(out, timeout=lock_timeout):
+    with mutex.hold(out, timeout=lock_timeout, what=f"the patches folder {out}"), interrupt.deferred():
         portfs.clean_stages(out)
         return portfs.write_folder(out / name, rendered, _prove_set(files), mode=mode,
                                    checkpoint=atomic._checkpoint)
@@ -308,8 +310,9 @@ def write_workdir(workdir: Path, result: PortResult, summary: str, ported_from: 
         files[f"merged/{f.path}"] = f.merged
         if f.base is not None:  # the review's release-to-release diff: `diff -ru base pristine`
             files[f"base/{f.path}"] = f.base
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with mutex.hold(workdir.parent, timeout=mutex.DEFAULT_TIMEOUT):
+    portfs.own_folder(workdir.parent, "work folder", parent_only=True)
+    with mutex.hold(workdir.parent, timeout=mutex.DEFAULT_TIMEOUT, what=f"the folder {workdir.parent}"), \
+            interrupt.deferred():
         portfs.clean_stages(workdir.parent)
         return portfs.write_folder(workdir, files, lambda _: None, private=True, checkpoint=atomic._checkpoint)
 

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import safeio
+from .. import ownedpaths, safeio
 from ..errors import UsageProblem
 
 STAGE_MARK = ".port-"
@@ -31,10 +31,12 @@ def refuse_inside_tree(what: str, folder: Path, tree_root: Path) -> None:
                            hint=f"point {what} at a folder outside the vLLM install (e.g. under your home)")
 
 
-def own_folder(folder: Path, what: str) -> Path:
-    """`folder` checked (and created 0700) as one only this user controls."""
+def own_folder(folder: Path, what: str, *, create: bool = True, parent_only: bool = False) -> Path | None:
+    """`folder` checked (and created 0700) as one only this user controls, every folder above
+    it included (ownedpaths.py); without `create`, None when it does not exist. `parent_only`:
+    a folder port stages its own folders in (root's or ours, shared only if sticky, as /tmp)."""
     try:
-        return safeio.own_dir(folder)
+        return ownedpaths.own_dir(folder, create=create, parent_only=parent_only)
     except safeio.Unsafe as exc:
         raise safeio.refusal(exc, nothing="nothing was read or written",
                              hint=f"use a {what} only you can write (a new folder under your home), "
@@ -155,10 +157,38 @@ def write_folder(final: Path, files: dict[str, bytes], prove: Callable[[Path], N
 
 
 def mark(folder: Path) -> None:
-    """Mark a folder of ours as a stage, so a kill right after leaves it removable."""
-    fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # never via a link
+    """Mark a folder of ours as a stage, so a kill right after leaves it removable. The folder
+    is opened without following a link (a symlinked set folder is refused, never written into)."""
+    try:
+        with safeio.walk_down(folder.parent, [folder.name]) as dfd:
+            fd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    except safeio.Unsafe as exc:
+        raise safeio.refusal(exc, nothing="nothing was written",
+                             hint="a set folder is a real folder of yours; replace the link with the folder") from None
     with os.fdopen(fd, "wb") as f:
         f.write(MARKER_TEXT)
+
+
+def check_set_folder(folder: Path) -> None:
+    """A set folder about to be replaced: a real folder of this user's that no one else may
+    write, in a patches folder checked all the way down (UnsafePath before anything is written)."""
+    own_folder(folder.parent, "patches folder", create=False, parent_only=True)
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise safeio.refusal(safeio.Unsafe(folder, f"cannot be examined ({exc.strerror})"),
+                             nothing="nothing was written", hint="restore the set folder from git") from None
+    reason = None
+    if not stat.S_ISDIR(st.st_mode):
+        reason = f"is {safeio.kind_of(st.st_mode)}, not a set folder m3fuse writes into"
+    elif st.st_uid != os.geteuid():
+        reason = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    elif safeio.others_can_write(st):
+        reason = f"is writable by other users (mode {stat.filemode(st.st_mode)})"
+    if reason:
+        raise safeio.refusal(safeio.Unsafe(folder, reason), nothing="nothing was written",
+                             hint="a refresh replaces only real set folders of yours; put the set itself there "
+                                  "(not a link to it) and run again")
 
 
 def unmark(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..textsafe import one_line
 from .engine import PARTIAL, PATCHED, PRISTINE, TreeState
 
 
@@ -34,24 +35,26 @@ def tree_json(tree: TreeState) -> dict[str, Any]:
 
 
 def tree_table(tree: TreeState) -> str:
+    # Names, versions and paths come from files others may write: each stays on its line, with
+    # any control character shown, not obeyed (textsafe.py).
     v = tree.vllm
-    lines = [f"vLLM {v.version or '(version unknown: no dist-info)'} at {v.root}"
-             + (f" (python {v.python})" if v.python else "")]
+    lines = [f"vLLM {one_line(v.version) if v.version else '(version unknown: no dist-info)'} at {one_line(v.root)}"
+             + (f" (python {one_line(v.python)})" if v.python else "")]
     if tree.patch_set:
-        which = tree.patch_set.name
+        which = one_line(tree.patch_set.name)
     elif tree.no_model:
         which = "(none: this vLLM has no MiniMax M3 model)"
     else:
-        which = f"(none matches; closest {tree.closest.name})" if tree.closest else "(none matches)"
+        which = f"(none matches; closest {one_line(tree.closest.name)})" if tree.closest else "(none matches)"
     lines.append(f"patch set: {which}    state: {tree.state.upper()}")
     if tree.files:
-        width = max(len(f.target.path) for f in tree.files)
+        width = max(len(one_line(f.target.path)) for f in tree.files)
         lines.append(f"  {'STATE':<10} {'FILE':<{width}}  SHA256 (first 16)  RECORD")
         for f in tree.files:
             digest = (f.sha256 or "-")[:16]
-            lines.append(f"  {f.state:<10} {f.target.path:<{width}}  {digest:<17}  {f.record or '-'}")
+            lines.append(f"  {f.state:<10} {one_line(f.target.path):<{width}}  {digest:<17}  {one_line(f.record or '-')}")
     for p in tree.problems:
-        lines.append(f"  problem: {p}")
+        lines.append(f"  problem: {one_line(p)}")
     return "\n".join(lines)
 
 
@@ -59,7 +62,7 @@ def tree_table(tree: TreeState) -> str:
 def interrupted_line(tree: TreeState, command: str) -> str:
     """For an interrupted `install` or `revert`: the tree's state now and the command that
     finishes the job or undoes it (one line)."""
-    where = f"vLLM at {tree.vllm.root} is {tree.state}"
+    where = f"vLLM at {one_line(tree.vllm.root)} is {tree.state}"
     if tree.state == PARTIAL:
         return f"{where} (an earlier run was killed); `m3fuse install` finishes it, `m3fuse revert` undoes it"
     if tree.state == PATCHED:

@@ -29,7 +29,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .. import resources
-from .. import safeio
+from .. import ownedpaths, safeio
 from ..errors import EnvironmentProblem, IntegrityError, M3fuseError, RedirectRefused, Row
 from ..fingerprint import hash_file
 from .lock import LockedWheel
@@ -42,6 +42,31 @@ USER_AGENT = "m3fuse (wheel fetch)"
 # m3fuse pins (AITER for ROCm) is a few hundred MB; an endless body must not fill the disk.
 MAX_WHEEL_BYTES = 2 << 30
 CEILING_VAR = "M3FUSE_MAX_WHEEL_BYTES"  # raises (or lowers) it, for a wheel larger than that
+
+
+DEFAULT_DEADLINE_S = 3600.0  # an hour: a few hundred MB even over a slow link
+DEADLINE_VAR = "M3FUSE_DOWNLOAD_DEADLINE"
+
+
+def deadline_seconds(given: float | None = None) -> float:
+    """The overall deadline of one wheel's download: `given` (the option), else $M3FUSE_DOWNLOAD_DEADLINE,
+    else an hour. A value that is not a positive number of seconds is a usage error."""
+    if given is None:
+        raw = os.environ.get(DEADLINE_VAR, "").strip()
+        if not raw:
+            return DEFAULT_DEADLINE_S
+        try:
+            given = float(raw)
+        except ValueError:
+            given = -1.0
+        where = f"{DEADLINE_VAR}={raw!r}"
+    else:
+        where = f"--download-deadline {given:g}"
+    if not (given > 0 and given != float("inf")):
+        from ..errors import UsageProblem
+
+        raise UsageProblem(f"{where}: the download deadline is a positive number of seconds (e.g. 1800).")
+    return float(given)
 
 
 def max_wheel_bytes() -> int:
@@ -62,6 +87,9 @@ class FetchConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 15.0
     read_timeout: float = 60.0  # longest silence tolerated mid-body
+    # The whole download of one wheel, retries and waits included: a server trickling a byte
+    # now and then never trips read_timeout, so this ends it (--download-deadline, DEADLINE_VAR).
+    deadline: float | None = None  # None: deadline_seconds()
     progress: bool | None = None  # None: a bar when stderr is a terminal; False: never
     echo: Callable[[str], None] = _quiet
 
@@ -82,7 +110,10 @@ class FetchConfig:
         its folders is a symlink, another user's, or writable by others (docs/reliability.md)."""
         root = self.cache_root()
         try:
-            return safeio.own_dir(root, *parts)
+            # Every folder from / down is checked, not only the cache's parent (ownedpaths.py).
+            got = ownedpaths.own_dir(root, *parts)
+            assert got is not None
+            return got
         except safeio.Unsafe as exc:
             raise safeio.refusal(exc, nothing="nothing was downloaded or installed",
                                  hint=f"m3fuse uses only a cache folder it owns (as pip does); pass a private "
@@ -113,10 +144,11 @@ def mismatch_rows(wheel: LockedWheel, source: str, got_sha: str, got_size: int, 
     reveal=False (a local file outside m3fuse's own folders) its hash and size are not shown:
     a lock entry must not turn m3fuse into a reader of other files' fingerprints."""
     if not reveal:
-        what = ("the content differs" if wheel.size is None or got_size == wheel.size else
-                "it is shorter than pinned: truncated" if got_size < wheel.size else "it is larger than pinned")
+        # One sentence whatever the file is: neither its hash nor its size, nor how its size
+        # compares with the pin (a lock naming /etc/shadow would otherwise learn its length).
         return [("", wheel.name), ("from", source), ("expected", f"sha256 {wheel.sha256}"),
-                ("got", f"another file ({what}; its hash and size are not shown: it is not m3fuse's)")]
+                ("got", "another file (its hash, its size and how that compares with the pin are not shown: it is "
+                        "not named like the wheel, so it is not m3fuse's to describe)")]
     if wheel.size is not None and got_size != wheel.size:
         size = (f"expected {wheel.size} bytes, got {got_size}: "
                 + ("the file is truncated, so the transfer was cut short" if got_size < wheel.size
@@ -346,9 +378,35 @@ def _release(tmp: Path) -> None:
         os.close(fd)
 
 
+def _writer(tmp: Path):  # noqa: ANN202 - a binary file object
+    """A file object writing the partial download through the descriptor it was created with
+    (never reopened by name: a name swapped for a symlink cannot redirect the bytes)."""
+    fd = _HELD.get(str(tmp))
+    if fd is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        return open(fd, "wb", closefd=False)
+    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)), "wb")
+
+
 def _publish(tmp: Path, wheel: LockedWheel, cfg: FetchConfig) -> Path:
     final = cfg.owned("wheels", "sha256", wheel.sha256[:2], wheel.sha256) / wheel.name
-    os.chmod(tmp, 0o644)
+    fd = _HELD.get(str(tmp))
+    if fd is not None:
+        # The name must still be the file the verified bytes went into (the folder is ours,
+        # but another process of this user could have swapped the name).
+        fst = os.fstat(fd)
+        try:
+            lst = os.lstat(tmp)
+        except FileNotFoundError:
+            lst = None
+        if lst is None or not stat.S_ISREG(lst.st_mode) or (lst.st_dev, lst.st_ino) != (fst.st_dev, fst.st_ino):
+            raise safeio.refusal(safeio.Unsafe(tmp, "was replaced while the download was written into it"),
+                                 nothing="nothing was cached or installed",
+                                 hint="something else writes into m3fuse's cache folder; stop it, then run again")
+        os.fchmod(fd, 0o644)
+    else:
+        os.chmod(tmp, 0o644)
     os.replace(tmp, final)  # same filesystem: atomic; a concurrent run writes identical bytes
     return final
 
@@ -373,7 +431,7 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
             # A regular file only (a device or FIFO is refused unread), read up to one byte past
             # the pinned size (or the ceiling): more is already a mismatch, so reading stops.
             fdi, _ = safeio.open_regular(src)
-            with os.fdopen(fdi, "rb") as fi, open(tmp, "wb") as fo:
+            with os.fdopen(fdi, "rb") as fi, _writer(tmp) as fo:
                 while n <= limit:
                     b = fi.read(min(CHUNK, limit + 1 - n))
                     if not b:
@@ -396,14 +454,14 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
                                      details=[("file", str(src)), ("error", str(exc))],
                                      hint="check its permissions") from None
         sha = h.hexdigest()
-        if n > limit and wheel.size is None:
+        reveal = src.name == wheel.name
+        if n > limit and wheel.size is None and reveal:
             raise IntegrityError(headline=f"{src} is larger than the {limit}-byte ceiling for a wheel "
                                           f"whose lock entry pins no size; nothing was installed",
                                  details=[("", wheel.name), ("from", str(src))],
                                  hint=f"pin its size in the lock (`m3fuse lock add` records it), or raise {CEILING_VAR}")
         if sha != wheel.sha256 or (wheel.size is not None and n != wheel.size):
-            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n, reveal=src.name == wheel.name),
-                                 removed=False)
+            raise mismatch_error(mismatch_rows(wheel, str(src), sha, n, reveal=reveal), removed=False)
         cfg.echo(f"{wheel.name}: read from {src}, sha256 ok")
         return _publish(tmp, wheel, cfg)
     finally:
@@ -414,7 +472,8 @@ def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
     tmp = _new_temp(cfg, wheel)
     try:
         sha, size = download(wheel.url, tmp, cfg, expected_size=wheel.size, label=wheel.name,
-                             expected_sha256=wheel.sha256)  # stops past the pinned size or the ceiling
+                             expected_sha256=wheel.sha256,  # stops past the pinned size or the ceiling
+                             fd=_HELD.get(str(tmp)))
         if sha != wheel.sha256 or (wheel.size is not None and size != wheel.size):
             raise mismatch_error(mismatch_rows(wheel, wheel.url, sha, size))
         cfg.echo(f"{wheel.name}: downloaded {size} bytes, sha256 ok")
@@ -424,19 +483,41 @@ def _download_verified(wheel: LockedWheel, cfg: FetchConfig) -> Path:
 
 
 def download(url: str, dest: Path, cfg: FetchConfig, *, expected_size: int | None = None,
-             label: str = "", expected_sha256: str | None = None) -> tuple[str, int]:
+             label: str = "", expected_sha256: str | None = None, fd: int | None = None) -> tuple[str, int]:
     """Stream `url` into `dest` (created or overwritten) while hashing it; return (sha256,
     size). Retries with exponential backoff on connection errors, timeouts, 5xx/429 and
     truncated bodies, resuming with a Range request when the server honours it (otherwise
     starting over). A resumed download whose hash is wrong is tried once more from byte 0
-    before it is reported, since the server may have changed the file between attempts."""
+    before it is reported, since the server may have changed the file between attempts.
+
+    Every attempt writes through one descriptor (`fd`, else `dest` opened once without
+    following a symlink), so a retry never reopens the file by name. The whole download,
+    retries included, ends at the deadline (cfg.deadline, else deadline_seconds())."""
     import requests  # lazily: only real downloads pay for it (see module doc)
 
-    label = label or url
+    limit_s = deadline_seconds(cfg.deadline)
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise EnvironmentProblem(headline=f"cannot write the download of {label or url}",
+                                     details=[("file", str(dest)), ("error", exc.strerror or str(exc))],
+                                     hint="name a regular file in a folder of yours") from None
+    try:
+        return _download_at(requests, url, dest, cfg, expected_size, label or url, expected_sha256, fd, limit_s)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _download_at(requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
+                 label: str, expected_sha256: str | None, fd: int, limit_s: float) -> tuple[str, int]:
     with _policy_session(requests, label)() as session:  # proxies and ~/.netrc come from requests' defaults
         session.headers["User-Agent"] = USER_AGENT
         try:
-            return _download(session, requests, url, dest, cfg, expected_size, label, expected_sha256)
+            return _download(session, requests, url, dest, cfg, expected_size, label, expected_sha256, fd, limit_s)
         except requests.TooManyRedirects:
             raise EnvironmentProblem(headline=f"downloading {label} failed: the server redirects in a loop",
                                      details=[("url", url)], hint="check the URL in the lock") from None
@@ -491,9 +572,43 @@ def _name_resolution_error(exc: BaseException) -> str | None:
     return None
 
 
+def _cut(resp, cut) -> None:  # noqa: ANN001 - requests' Response, a threading.Event
+    """The deadline passed mid-body: end the blocked read by shutting the socket down (a read
+    stuck in a trickle returns at once)."""
+    import socket
+
+    cut.set()
+    raw = getattr(resp, "raw", None)
+    for sock in (getattr(getattr(raw, "_connection", None), "sock", None),
+                 getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)):
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+            except OSError:
+                pass
+    try:
+        resp.close()
+    except Exception:  # noqa: BLE001 - best effort from a timer thread
+        pass
+
+
 def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expected_size: int | None,  # noqa: ANN001
-              label: str, expected_sha256: str | None) -> tuple[str, int]:
+              label: str, expected_sha256: str | None, fd: int, limit_s: float) -> tuple[str, int]:
+    import threading
     from http.client import HTTPException  # requests has imported it already
+
+    t_end = time.monotonic() + limit_s
+    cut = threading.Event()
+
+    def past_deadline() -> EnvironmentProblem:
+        return EnvironmentProblem(
+            headline=f"downloading {label} did not finish within its {limit_s:g}-second deadline; the partial "
+                     f"file was deleted and nothing was installed",
+            details=[("url", url), ("received", f"{have} bytes"), *([("last error", last_error)] if last_error else [])],
+            hint=f"check the network or the server (it may send a byte now and then, never the file); raise the "
+                 f"deadline with --download-deadline SECONDS or {DEADLINE_VAR}, or download the file elsewhere "
+                 f"and pass its folder with --find-links DIR")
 
     h = hashlib.sha256()
     have = 0
@@ -508,9 +623,13 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             headers = {"Accept-Encoding": "identity"}
             if have:
                 headers["Range"] = f"bytes={have}-"
+            left = t_end - time.monotonic()
+            if left <= 0:
+                raise past_deadline()
             try:
                 resp = session.get(url, stream=True, headers=headers,
-                                   timeout=(cfg.connect_timeout, cfg.read_timeout), allow_redirects=True)
+                                   timeout=(min(cfg.connect_timeout, left), min(cfg.read_timeout, left)),
+                                   allow_redirects=True)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 unresolved = _name_resolution_error(exc)
                 if unresolved:
@@ -536,26 +655,31 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                         details=[("url", url)],
                         hint="check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
                              "download the file elsewhere and pass its folder with --find-links DIR")
-                mode = "ab"
                 if status == 206 and have:
                     cr = resp.headers.get("Content-Range", "")
                     if not cr.startswith(f"bytes {have}-"):
-                        h, have, mode = hashlib.sha256(), 0, "wb"
+                        h, have = hashlib.sha256(), 0
                         raise _Retry(f"unexpected Content-Range {cr!r} on resume; starting over")
                     resumed = True
                 else:
                     # 200: the server sent the whole file (no Range support): start over.
                     if have:
                         cfg.echo(f"{label}: server ignored the Range request; restarting from byte 0")
-                    h, have, mode = hashlib.sha256(), 0, "wb"
+                    h, have = hashlib.sha256(), 0
                 clen = resp.headers.get("Content-Length")
                 body_len = int(clen) if clen and clen.isdigit() else None
                 total = (have + body_len) if body_len is not None else expected_size
                 bar = _bar(label, total, have, show)
                 start = have
                 ceiling = expected_size if expected_size is not None else max_wheel_bytes()
+                # The same descriptor every attempt: cut back to the bytes already hashed.
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+                timer = threading.Timer(max(t_end - time.monotonic(), 0.0), _cut, args=(resp, cut))
+                timer.daemon = True
+                timer.start()
                 try:
-                    with open(dest, mode) as f:
+                    with open(fd, "wb", closefd=False) as f:
                         pump = _Pump(f, h)
                         try:
                             pump.run(_readinto(resp), ceiling - start, bar)
@@ -563,6 +687,8 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                             have = start + pump.done
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                         requests.exceptions.ContentDecodingError, HTTPException, OSError) as exc:
+                    if cut.is_set():
+                        raise past_deadline() from None
                     if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
                         raise EnvironmentProblem(headline=f"writing the download of {label} failed",
                                                  details=[("file", str(dest)), ("error", str(exc))],
@@ -570,8 +696,11 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                                                       "or pass another with --cache-dir DIR") from None
                     raise _Retry(f"transfer broke after {have} bytes: {exc}") from None
                 finally:
+                    timer.cancel()
                     if bar is not None:
                         bar.__exit__(None, None, None)
+                if cut.is_set():
+                    raise past_deadline()
                 got_this = have - start
                 if expected_size is None and have > ceiling:
                     raise IntegrityError(
@@ -594,6 +723,8 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             return sha, have
         except _Retry as r:
             last_error = str(r)
+            if cut.is_set() or time.monotonic() >= t_end:
+                raise past_deadline() from None
             if attempt >= cfg.retries:
                 raise EnvironmentProblem(
                     headline=f"downloading {label} failed after {attempt + 1} attempts; the partial file was "
@@ -605,4 +736,4 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             attempt += 1
             how = f"resuming at byte {have}" if have else "from the start"
             cfg.echo(f"{label}: {last_error}; retry {attempt}/{cfg.retries} in {delay:g}s, {how}")
-            time.sleep(delay)
+            time.sleep(max(min(delay, t_end - time.monotonic()), 0.0))

@@ -206,6 +206,24 @@ def probe(python: str, names: list[str], *, record: list[str] | None = None) -> 
                              args=[json.dumps(names), json.dumps(check)])
 
 
+def install_dir(python: str) -> Path:
+    """The folder pip installs `python`'s packages into (its purelib): the wheel step's run
+    lock is taken on it, so two m3fuse runs never run two pips into one environment. Known
+    without a child process for this interpreter and for a plain venv."""
+    known = _import_path(python)
+    if known is not None and known[1]:
+        import sysconfig
+
+        return Path(sysconfig.get_path("purelib"))
+    exe = resolve_python(python)
+    site = venv_site(exe)
+    if site is not None:
+        return site
+    got = query_interpreter(python, "import json, sysconfig; print(json.dumps({'purelib': sysconfig.get_path('purelib')}))",
+                            what="name its site-packages folder")
+    return Path(str(got.get("purelib")))
+
+
 def versions(python: str, names: list[str]) -> dict[str, str | None]:
     """{name: installed version or None}, RECORD not checked."""
     return {n: (i or {}).get("version") for n, i in probe(python, names, record=[])["dists"].items()}

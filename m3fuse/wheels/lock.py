@@ -168,12 +168,13 @@ def _stamp(folder: Path | None, text: str) -> Path | None:
 def _write_stamp(stamp: Path | None) -> None:
     if stamp is None:
         return
+    from .. import ownedpaths, safeio
+
     try:  # best effort: an unwritable or refused cache only means validating again next time
-        # m3fuse passes a folder checked as the cache's own (FetchConfig.lock_stamps); no link
-        # is followed to the file.
-        stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    except OSError:
+        # m3fuse passes a folder checked as the cache's own (FetchConfig.lock_stamps); it is
+        # checked again from / down and the stamp written relative to it, no link followed.
+        ownedpaths.write_into(stamp.parent, stamp.name, b"")
+    except (OSError, safeio.Unsafe):
         pass
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row
-from .. import safeio
+from .. import interrupt, safeio
 from ..fingerprint import hash_file
 from . import fit
 from . import plan as planner
 from .check import check_wheel, target_tags
 from .fetch import FetchConfig, max_wheel_bytes, obtain
-from .install import PipFailed, pip_install, probe, state_of, verify_wheels
+from .install import PipFailed, install_dir, pip_install, probe, state_of, verify_wheels
 from .lock import Lock, load_lock
 from .needs import Needs
 
@@ -58,11 +58,14 @@ class WheelOptions:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     needs: Needs | None = None  # what the target's vLLM release needs (its set's aiter-needs.toml)
     exact_pins: bool = False  # the pins decide alone: no newer build kept, the pin installed regardless
+    lock_timeout: float = 60.0  # how long to wait for another m3fuse run on the same environment
+    deadline: float | None = None  # one wheel's whole download (None: fetch.deadline_seconds())
 
     def fetch_config(self, echo: Callable[[str], None]) -> FetchConfig:
         return FetchConfig(cache_dir=self.cache_dir, find_links=list(self.find_links), retries=self.retries,
                            backoff=self.backoff, connect_timeout=self.connect_timeout,
-                           read_timeout=self.read_timeout, progress=self.progress, echo=echo)
+                           read_timeout=self.read_timeout, progress=self.progress, echo=echo,
+                           deadline=self.deadline)
 
 
 def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
@@ -73,10 +76,33 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
     the cache (or a --find-links folder / file:// URL) are verified and checked, the others are
     reported with the URL they would be downloaded from."""
     cfg = opts.fetch_config(echo)
+    from .fetch import deadline_seconds
+
+    deadline_seconds(cfg.deadline)  # a bad --download-deadline or variable is refused before anything
     lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
     if not lock.packages:
         echo(f"{lock.path} pins no wheels; nothing to install")
         return []
+    if dry_run:
+        return _install(opts, cfg, lock, dry_run, echo)
+    # One run at a time per environment, pip included: the lock is taken before the probe the
+    # plan is made from and held until the versions are proved (mutex.py).
+    from ..patching import mutex
+
+    where = _existing(install_dir(opts.python))
+    with mutex.hold(where, timeout=opts.lock_timeout, what=f"the Python environment {where}"):
+        return _install(opts, cfg, lock, dry_run, echo)
+
+
+def _existing(folder: Path) -> Path:
+    """`folder`, or its nearest existing parent (pip creates a missing user site-packages)."""
+    while not folder.is_dir() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _install(opts: WheelOptions, cfg: FetchConfig, lock: Lock, dry_run: bool,
+             echo: Callable[[str], None]) -> list[dict]:
     python = opts.python
     names = [p.name for p in lock.packages]
     # inspect
@@ -127,6 +153,17 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
         # Every pin is intact (the probe proved version and RECORD): the checks below could
         # only repeat that probe.
         return results
+    # No RECORD pip acts on may name a file outside site-packages: neither the installed
+    # distribution pip replaces (it deletes what that RECORD lists) nor the wheel's own.
+    from .recordcheck import refuse_installed, refuse_wheel
+
+    for s in todo:
+        path = files[s.package.name]
+        assert path is not None
+        refuse_wheel(path, s.package.name)
+        root = (before.get(s.package.name) or {}).get("root")
+        if root:
+            refuse_installed(s.package.name, Path(root), python)
     # install: all wheels in one pip run. pip hashes each file as it reads it (--require-hashes),
     # so a file changed after our check is caught on the bytes actually installed.
     batch: list[tuple[Path, str]] = []
@@ -135,8 +172,13 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
         assert path is not None and s.wheel is not None
         batch.append((path, s.wheel.sha256))
     echo(f"installing {len(batch)} wheel(s) with {python} -m pip: " + ", ".join(p.name for p, _ in batch))
+    todo_pins = {s.package.name: s.package.version for s in todo}
     try:
-        pip_install(python, batch, break_system_packages=opts.break_system_packages)
+        # An interrupt here lands after pip has stopped (or finished): the one line says what
+        # pip left and that `m3fuse install` again repairs it (pip may leave a half-written
+        # package folder when it is stopped mid-way).
+        with interrupt.describing(lambda: _interrupted_wheel_step(python, todo_pins)):
+            pip_install(python, batch, break_system_packages=opts.break_system_packages)
     except PipFailed as failed:
         if "DO NOT MATCH THE HASHES" in failed.output:
             raise IntegrityError(
@@ -178,6 +220,22 @@ def _warm_requests() -> None:
     import threading
 
     threading.Thread(target=__import__, args=("requests",), name="m3fuse-import", daemon=True).start()
+
+
+def _interrupted_wheel_step(python: str, pins: dict[str, str]) -> str:
+    """The interrupt line's account of the wheel step: which pinned distributions pip left
+    intact, which not, and the repair."""
+    now = _state_now(python, list(pins), list(pins))
+    broken = [f"{n} ({state_of(now.get(n), v)})" for n, v in pins.items() if state_of(now.get(n), v) != "ok"]
+    if not now:
+        what = "what pip left could not be read"
+    elif broken:
+        what = (f"not intact now: {', '.join(broken)} (pip may have left a half-written package folder in "
+                f"{python}'s site-packages)")
+    else:
+        what = f"pip had finished: {', '.join(pins)} are installed at their pins"
+    return (f"the wheel step was stopped while pip installed {', '.join(pins)} into {python}; {what}; no vLLM file "
+            f"was patched. Run `m3fuse install` again to repair it")
 
 
 def _state_now(python: str, names: list[str], record: list[str]) -> dict[str, dict | None]:
