@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import os
 import posixpath
-import zipfile
 from pathlib import Path
 
 from .. import safeio
@@ -86,7 +85,7 @@ def wheel_outside(path: Path) -> list[str]:
     already (check.py), so the archive itself is known to be sound."""
     from .check import read_member
 
-    with zipfile.ZipFile(path) as zf:
+    with safeio.open_zip(path) as zf:
         names = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/RECORD")]
         bad = []
         for name in names:
