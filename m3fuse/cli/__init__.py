@@ -82,6 +82,24 @@ def _needs_if_found(python: str | None, vllm_root: Path | None, patches_dir: Pat
         return None
 
 
+def _verify_hint(tree: engine.TreeState, expect: str, wheel_hint: str | None) -> str:
+    """The one next step after a failed verify: the tree's first, then the wheels'."""
+    fix = "install" if expect == engine.PATCHED else "revert"
+    if tree.state in (engine.DRIFTED, engine.UNSUPPORTED):
+        try:
+            engine.refuse_unless_known(tree, read_only=True)
+        except M3fuseError as exc:
+            if exc.hint:
+                return exc.hint
+    if tree.state == engine.PARTIAL:
+        return "an interrupted run left it half done: run `m3fuse install` or `m3fuse revert`"
+    if tree.state != expect:
+        return f"run `m3fuse {fix}`"
+    if tree.problems:
+        return f"run `m3fuse {fix}`: it removes the stale .pyc files named above"
+    return wheel_hint or f"run `m3fuse {fix}` and verify again"
+
+
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--python", "python", metavar="PATH", callback=absolute_python,
@@ -299,28 +317,36 @@ def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
         tree = _tree(python, vllm_root, patches_dir)
         out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
         failures, code = engine.judge(tree, expect)
+        accepted: list[str] = []
+        wheel_hint = None
         if not no_wheels and expect == engine.PATCHED:
             from ..wheels import step as wheels
-            results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable,
-                                           needs=_needs(tree), exact=exact_pins)
-            out["wheels"] = results
-            wheel_failures, wheel_code = wheels.judge(results)
-            failures += wheel_failures
-            code = code or wheel_code
+            judged = wheels.verdict(lock_path or resources.default_lock(), python or sys.executable,
+                                    needs=_needs(tree), exact=exact_pins)
+            out.update(wheels=judged.results, accepted=judged.accepted, lock=judged.lock)
+            accepted, wheel_hint = judged.lines(), judged.hint
+            failures += judged.failures
+            code = code or judged.exit_code
         from ..runtime import defects as aiter_defects
         probed = next((r.get("installed_version") for r in out.get("wheels", [])
                        if r.get("name") == aiter_defects.AITER_DIST), None)
         out["aiter"] = aiter_defects.installed_report(tree.vllm.root, tree.vllm.version, probed)
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
+        if code != EXIT_OK:
+            out["hint"] = _verify_hint(tree, expect, wheel_hint)
         if as_json:
             click.echo(_dumps(out))
         else:
             click.echo(tree_table(tree))
+            for line in accepted:
+                click.echo(line)
             _aiter_warnings(out["aiter"], as_json)
             for f in failures:
                 click.echo(f"FAIL: {f}", err=True)
             click.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")
+            if code != EXIT_OK:
+                click.echo(f"hint: {out['hint']}", err=True)
         return code
 
     _run(as_json, body)

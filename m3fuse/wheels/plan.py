@@ -28,6 +28,13 @@ REINSTALL = "reinstall"  # intact, but --force-reinstall
 REPLACE = "replace"  # installed under a version that is not PEP 440: no order to judge
 UNMET = "unmet"  # the release needs more than the pin provides and nothing installed has it: refused
 
+# Why a build is accepted (verify names it): the pin itself, a newer installed build that is
+# intact, passes the content checks and meets the release's needs, or an installed build that
+# meets the needs where the pin does not.
+PINNED = "pinned"
+KEPT_NEWER = "kept: newer and sound"
+KEPT_NEEDS = "needs met"
+
 
 @dataclass
 class Step:
@@ -37,6 +44,8 @@ class Step:
     wheel: LockedWheel | None = None  # chosen when the action needs one
     reason: str | None = None  # why the release's needs chose this action (None: the pin decided)
     unmet: tuple[str, ...] = ()  # UNMET: what the pin lacks; else what a refused installed build lacks
+    kept: str | None = None  # KEEP of a build other than the pin: KEPT_NEWER or KEPT_NEEDS
+    lacks: tuple[str, ...] = ()  # what the installed build lacks, when the plan did not keep it
 
     @property
     def changes(self) -> bool:
@@ -87,20 +96,40 @@ def decide(pkg: LockedPackage, info: dict | None, *, force: bool, exact: bool, n
             sound.unmet[:0] = [f"its files differ from its RECORD ({info['problems'][0]})"]
     newer = step.action == DOWNGRADE
     if newer and sound is not None and sound.ok:
-        step.action, step.reason = KEEP, f"installed {have} is newer and sound"
+        step.action, step.reason, step.kept = KEEP, f"installed {have} is newer and sound", KEPT_NEWER
         return step
     pinv = pin_verdict(pkg, needs, lock_path)
     if pinv.ok:
         if newer and sound is not None:
             step.reason = f"installed {have} is newer but not sound: {'; '.join(sound.unmet)}"
+            step.lacks = tuple(sound.unmet)
         return step
     if sound is not None and sound.ok and step.action != REPLACE:
-        step.action, step.reason = KEEP, f"installed {have} has what vLLM {vllm} needs; the pin does not"
+        step.action, step.kept = KEEP, KEPT_NEEDS
+        step.reason = f"installed {have} has what vLLM {vllm} needs; the pin does not"
         return step
     step.action, step.unmet = UNMET, tuple(pinv.unmet)
     if sound is not None:
         step.reason = f"installed {have or 'of unknown version'} is not enough: {'; '.join(sound.unmet)}"
+        step.lacks = tuple(sound.unmet)
     return step
+
+
+def brief(items: Sequence[str], width: int = 90) -> str:
+    """The first of `items`, cut to `width` characters, and how many more there are: a line a
+    terminal shows whole (--json carries them all)."""
+    if not items:
+        return ""
+    first = items[0] if len(items[0]) <= width else items[0][:width - 3] + "..."
+    return first + (f" (+{len(items) - 1} more, --json lists all)" if len(items) > 1 else "")
+
+
+def short_reason(s: Step) -> str | None:
+    """Step.reason in one terminal line: what an installed build lacks is summarised."""
+    if s.lacks and s.reason:
+        head = s.reason.split(": ", 1)[0]
+        return f"{head}: {brief(s.lacks)}"
+    return s.reason
 
 
 def pin_verdict(pkg: LockedPackage, needs: Needs | None, lock_path: str) -> fit.Verdict:
@@ -146,7 +175,7 @@ def refuse_unmet(steps: Sequence[Step], python: str, needs: Needs | None, lock: 
         if missing:
             rows.append(("modules", ", ".join(missing)))
         rows += [("pinned", s.package.version)] + [("pin lacks", u) for u in s.unmet]
-        rows.append(("installed", s.reason or (f"{s.installed}" if s.installed else "nothing")))
+        rows.append(("installed", short_reason(s) or (f"{s.installed}" if s.installed else "nothing")))
     need = fit.needs_of(needs, bad[0].package.key)
     want = f" >= {need.min_version}" if need is not None and need.min_version else ""
     raise AiterNeedsUnmet(
@@ -207,11 +236,12 @@ def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]],
 
 def as_json(steps: Sequence[Step]) -> list[dict]:
     return [{"name": s.package.name, "pinned_version": s.package.version, "installed_version": s.installed,
-             "action": s.action, "reason": s.reason, "unmet": list(s.unmet), "result": "unchanged", "file": None,
+             "action": s.action, "reason": s.reason, "unmet": list(s.unmet), "lacks": list(s.lacks),
+             "result": "unchanged", "file": None,
              "sha256": s.wheel.sha256 if s.wheel else None, "url": s.wheel.url if s.wheel else None}
             for s in steps]
 
 
 def describe(s: Step) -> str:
-    why = f" ({s.reason})" if s.reason else ""
+    why = f" ({short_reason(s)})" if s.reason else ""
     return f"{s.package.name}: installed {s.installed or '-'}, pinned {s.package.version}: {s.action}{why}"
