@@ -29,5 +29,15 @@ class AbsPath(click.Path):
 
 
 def absolute_python(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--python: a path against the current directory, a bare name through PATH."""
-    return resolve_python(value) if value else value
+    """--python: a path against the current directory, a bare name through PATH. A venv (or
+    any environment) folder stands for its bin/python, which is what was meant."""
+    if not value:
+        return value
+    python = resolve_python(value)
+    if os.path.isdir(python):
+        exe = os.path.join(python, "bin", "python")
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return exe
+        raise click.BadParameter(f"{value} is a folder with no bin/python; give the interpreter's file, "
+                                 f"e.g. /path/to/venv/bin/python", ctx=ctx, param=param)
+    return python

@@ -182,9 +182,7 @@ def refuse_unmet(steps: Sequence[Step], python: str, needs: Needs | None, lock: 
         headline=f"vLLM {vllm}'s MiniMax M3 needs a newer {', '.join(s.package.name for s in bad)} than the lock "
                  f"pins, and none is installed; nothing was downloaded or installed",
         details=rows,
-        hint=f"pin a {bad[0].package.name}{want} build with `m3fuse lock add URL|FILE` (--lock FILE for your own "
-             f"lock), or install one into the target first (m3fuse then keeps it); --exact-pins installs the pin "
-             f"anyway, which breaks this release's M3 model")
+        hint=f"install a {bad[0].package.name}{want} first (m3fuse keeps it), or pin one: `m3fuse lock add URL|FILE`")
 
 
 def refuse_downgrades(steps: Sequence[Step], python: str) -> None:
@@ -197,8 +195,7 @@ def refuse_downgrades(steps: Sequence[Step], python: str) -> None:
     raise DowngradeRefused(
         headline=f"install would downgrade {len(down)} distribution(s) in {python}; nothing was changed",
         details=rows,
-        hint="a newer build is installed (the image's own?); pin it with `m3fuse lock add` if the fusion "
-             "works with it, or pass --allow-downgrade to install the pinned one anyway")
+        hint="pin the newer build with `m3fuse lock add` if M3 runs with it, or install the pin: --allow-downgrade")
 
 
 def refuse_externally_managed(marker: str | None, python: str, *, allowed: bool) -> None:
@@ -208,9 +205,7 @@ def refuse_externally_managed(marker: str | None, python: str, *, allowed: bool)
     raise ExternallyManaged(
         headline="the target Python is externally managed (PEP 668); nothing was downloaded or installed",
         details=[("python", python), ("marker", marker)],
-        hint=f"install into a virtual environment (`{python} -m venv /opt/venv`, then --python "
-             f"/opt/venv/bin/python), or pass --break-system-packages to install into it anyway "
-             f"(m3fuse then passes that flag to pip)")
+        hint=f"use a venv (`{python} -m venv /opt/venv`, --python /opt/venv/bin/python) or --break-system-packages")
 
 
 def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]], lock: Lock, python: str) -> None:
@@ -230,8 +225,8 @@ def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]],
                 headline=f"no wheel pinned for {s.package.name} {s.package.version} fits the target Python",
                 details=[("lock", str(lock.path)), ("python", python),
                          ("best tag", tag_strs[0] if tag_strs else "unknown"), ("lock offers", offered)],
-                hint="point --python at an interpreter the pinned build was made for (for the shipped lock: "
-                     "CPython 3.12 on x86_64 Linux), or pin a matching wheel with `m3fuse lock add`")
+                hint="give --python a Python the pin fits (the shipped lock's: CPython 3.12, x86_64); "
+                     "fetch for another machine: --all")
 
 
 def as_json(steps: Sequence[Step]) -> list[dict]:

@@ -169,8 +169,7 @@ def install_pinned(opts: WheelOptions, *, dry_run: bool = False,
         raise EnvironmentProblem(
             headline="installing the pinned wheels changed torch",
             details=[("python", python), ("before", tb or "not installed"), ("after", ta or "not installed")],
-            hint="the fusion needs the environment's own torch build; reinstall it (from the image or your "
-                 "ROCm torch wheel) before using vLLM")
+            hint="reinstall the environment's own torch (the image's or your ROCm wheel) before using vLLM")
     return results
 
 
@@ -224,8 +223,8 @@ def _pip_failure(failed: PipFailed, steps: list[planner.Step], before: dict, aft
     return EnvironmentProblem(
         headline=f"pip failed installing {failed_on.package.name} {failed_on.package.version}",
         details=rows,
-        hint="fix the cause (permissions, disk space, a file in the way) and run m3fuse install again; "
-             "the verified wheels stay in the cache")
+        hint="fix the cause (permissions, disk space, a file in the way), run m3fuse install again "
+             "(wheels stay cached)")
 
 
 def installed_builds(lock: Lock, dists: dict[str, dict | None], needs: Needs | None,
