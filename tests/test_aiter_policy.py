@@ -81,6 +81,15 @@ def test_a_newer_sound_aiter_is_kept_and_verify_passes(tmp_path, vllm_tree, venv
     out = json.loads(v.stdout)
     row = next(w for w in out["wheels"] if w["name"] == "amd-aiter")
     assert row["ok"] and row["kept"] == f"installed {NEWER} is newer and sound"
+    # verify names every accepted build and why, in --json and in text; the lock it judged by.
+    assert out["accepted"] == [
+        {"name": "flydsl", "version": FLY, "pinned_version": FLY, "reason": "pinned"},
+        {"name": "amd-aiter", "version": NEWER, "pinned_version": PIN, "reason": "kept: newer and sound"}]
+    assert out["lock"]["path"] == str(lock) and len(out["lock"]["sha256"]) == 64
+    text = wheel_step("verify", tree, venv, lock, tmp_path)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert f"wheel amd-aiter {NEWER}: kept: newer and sound (pinned {PIN})" in text.stdout
+    assert f"wheel flydsl {FLY}: pinned (pinned {FLY})" in text.stdout
     # The defects report names the AITER actually installed: 0.1.23 has every barrier fix.
     assert out["aiter"]["version"] == NEWER and [d["id"] for d in out["aiter"]["defects"]] == ["ROCm/aiter#4888"]
     again = wheel_step("install", tree, venv, lock, tmp_path, "--json")
@@ -160,7 +169,10 @@ def test_on_0_24_to_0_29_the_pin_is_still_installed(tmp_path, vllm_tree, venv, s
     r = wheel_step("install", tree, venv, lock, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed(venv, "amd-aiter") == PIN and requested(server) == {"flydsl", "amd_aiter"}
-    assert wheel_step("verify", tree, venv, lock, tmp_path).returncode == 0
+    v = wheel_step("verify", tree, venv, lock, tmp_path, "--json")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert [(a["name"], a["reason"]) for a in json.loads(v.stdout)["accepted"]] == [("flydsl", "pinned"),
+                                                                                  ("amd-aiter", "pinned")]
 
 
 @pytest.mark.parametrize("metadata", ["Metadata-Version: 2.1\nName: amd-aiter\nVersion: not a version\n\n", None])
