@@ -29,7 +29,7 @@ if [ -d "$PY" ]; then
   [ -x "$PY/bin/python" ] || die "PY=$PY is a folder without bin/python" "set PY to a Python with m3fuse installed"
   PY=$PY/bin/python
 fi
-"$PY" -c 'import m3fuse, pip' 2>/dev/null ||
+[ "$("$PY" -c 'import m3fuse, pip; print("m3fuse-ok")' 2>/dev/null)" = m3fuse-ok ] ||
   die "PY=$PY cannot import m3fuse and pip" \
       "python3 -m venv .venv && .venv/bin/pip install . (in this checkout), then PY=.venv/bin/python"
 WHEELS=${WHEELS:-$repo/wheels}
