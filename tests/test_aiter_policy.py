@@ -159,6 +159,7 @@ def test_on_0_30_plus_the_pin_is_never_installed(tmp_path, vllm_tree, venv, serv
     row = next(w for w in json.loads(v.stdout)["wheels"] if w["name"] == "amd-aiter")
     assert row["state"] == "needs-unmet" and any("msa_attention" in u for u in row["unmet"])
     assert all(len(p) < 200 for p in row["problems"]), row["problems"]  # the whole lists: "unmet"/"lacks"
+    assert json.loads(v.stdout)["hint"].startswith("install a build of amd-aiter with what vLLM needs")
     assert wheel_step("verify", tree, venv, lock, tmp_path, "--exact-pins").returncode == 0
 
 

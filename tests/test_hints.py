@@ -129,3 +129,27 @@ def test_a_failed_verify_ends_with_one_hint_line(tmp_path, vllm_tree):
     import json
 
     assert json.loads(j.stdout)["hint"] == "run `m3fuse install`"
+
+
+def test_a_verify_failed_on_stale_bytecode_ends_with_the_command_that_removes_it(tmp_path, vllm_tree):
+    import importlib.util
+    import json
+    import py_compile
+
+    import realvllm
+
+    tree = vllm_tree("0.26.0")
+    assert run_cli("install", "--no-wheels", "--vllm-root", str(tree)).returncode == 0
+    src = tree / realvllm.HELPER
+    decoy = tmp_path / src.name
+    decoy.write_bytes(src.read_bytes() + b"\nX = 1\n")
+    # An unchecked hash-based .pyc of other text: Python would run it without looking.
+    py_compile.compile(str(decoy), cfile=importlib.util.cache_from_source(str(src)),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    r = run_cli("verify", "--vllm-root", str(tree), "--no-wheels")
+    assert r.returncode == 3 and "verify: FAILED" in r.stdout, r.stdout + r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == "hint: run `m3fuse install`: it removes the stale .pyc files named above"
+    j = json.loads(run_cli("verify", "--vllm-root", str(tree), "--no-wheels", "--json").stdout)
+    assert j["hint"].startswith("run `m3fuse install`") and j["problems"]
+    assert run_cli("install", "--no-wheels", "--vllm-root", str(tree)).returncode == 0
+    assert run_cli("verify", "--vllm-root", str(tree), "--no-wheels").returncode == 0

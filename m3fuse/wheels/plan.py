@@ -182,7 +182,7 @@ def refuse_unmet(steps: Sequence[Step], python: str, needs: Needs | None, lock: 
         headline=f"vLLM {vllm}'s MiniMax M3 needs a newer {', '.join(s.package.name for s in bad)} than the lock "
                  f"pins, and none is installed; nothing was downloaded or installed",
         details=rows,
-        hint=f"install a {bad[0].package.name}{want} first (m3fuse keeps it), or pin one: `m3fuse lock add URL|FILE`")
+        hint=f"install {bad[0].package.name}{want} first (m3fuse keeps it), or pin one: `m3fuse lock add URL|FILE`")
 
 
 def refuse_downgrades(steps: Sequence[Step], python: str) -> None:

@@ -295,7 +295,7 @@ class Verdict:
             return None
         lock = "" if self.lock["path"].endswith("/wheels.lock") else " --lock " + self.lock["path"]
         if bad[0]["state"] == "needs-unmet":
-            return (f"install a {bad[0]['name']} that has what vLLM needs (--json lists it), "
+            return (f"install a build of {bad[0]['name']} with what vLLM needs (--json lists it), "
                     f"or pin one: `m3fuse lock add`")
         return f"run `m3fuse install{lock}`: it installs or repairs the pinned wheels"
 
