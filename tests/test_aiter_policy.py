@@ -235,3 +235,25 @@ def test_lock_add_records_what_a_new_pin_provides_and_install_then_uses_it(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed(venv, "amd-aiter") == NEWER and requested(server) == {"flydsl", "amd_aiter"}
     assert wheel_step("verify", tree, venv, lock, tmp_path).returncode == 0
+
+
+def test_an_installed_build_with_what_the_pin_lacks_is_accepted_as_needs_met(tmp_path, vllm_tree, venv, server):
+    """A newer pin whose recorded facts lack a module the release imports, and an older
+    installed build that has it: install keeps the installed one, and verify names it
+    `needs met` (the third reason, beside `pinned` and `kept: newer and sound`)."""
+    tree = vllm_tree("0.33.0")
+    pinned, older = "0.1.30", "0.1.22"
+    pip_install(venv, aiter_build(tmp_path / "image", older, needed_modules("vllm-0.33.0")))
+    facts = ('\n[packages.tool.m3fuse]\nversion = "0.1.30"\nsource = "test facts"\n'
+             '[packages.tool.m3fuse.modules]\n"aiter.ops.msa_attention" = false\n')
+    lock = wheelkit.served_lock(tmp_path, server, fly=("flydsl", FLY, {"flydsl/__init__.py": ""}), aiter=pinned,
+                                extra=facts)
+    r = wheel_step("install", tree, venv, lock, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(venv, "amd-aiter") == older and requested(server) == {"flydsl"}
+    v = wheel_step("verify", tree, venv, lock, tmp_path, "--json")
+    assert v.returncode == 0, v.stdout + v.stderr
+    row = next(a for a in json.loads(v.stdout)["accepted"] if a["name"] == "amd-aiter")
+    assert row == {"name": "amd-aiter", "version": older, "pinned_version": pinned, "reason": "needs met"}
+    text = wheel_step("verify", tree, venv, lock, tmp_path).stdout
+    assert f"wheel amd-aiter {older}: needs met (pinned {pinned})" in text
