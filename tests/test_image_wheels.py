@@ -82,4 +82,5 @@ def test_python_may_name_a_venv_folder(tmp_path, vllm_tree):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["vllm"]["python"] == str(venv / "bin" / "python")
     r = run_cli("status", "--python", str(tmp_path), "--vllm-root", str(tree))
-    assert r.returncode == 2 and "is a folder with no bin/python" in r.stderr and "bin/python" in r.stderr
+    assert r.returncode == 5 and f"--python {tmp_path} is a folder, not a Python interpreter" in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == "hint: give the interpreter's file, e.g. /path/to/venv/bin/python"

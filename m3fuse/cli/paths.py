@@ -38,6 +38,9 @@ def absolute_python(ctx: click.Context, param: click.Parameter, value: str | Non
         exe = os.path.join(python, "bin", "python")
         if os.path.isfile(exe) and os.access(exe, os.X_OK):
             return exe
-        raise click.BadParameter(f"{value} is a folder with no bin/python; give the interpreter's file, "
-                                 f"e.g. /path/to/venv/bin/python", ctx=ctx, param=param)
+        from ..errors import EnvironmentProblem  # exit 5, as for any other --python that is no Python
+
+        raise EnvironmentProblem(headline=f"--python {python} is a folder, not a Python interpreter (it has no "
+                                          f"bin/python)",
+                                 hint="give the interpreter's file, e.g. /path/to/venv/bin/python")
     return python
