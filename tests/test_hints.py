@@ -153,3 +153,14 @@ def test_a_verify_failed_on_stale_bytecode_ends_with_the_command_that_removes_it
     assert j["hint"].startswith("run `m3fuse install`") and j["problems"]
     assert run_cli("install", "--no-wheels", "--vllm-root", str(tree)).returncode == 0
     assert run_cli("verify", "--vllm-root", str(tree), "--no-wheels").returncode == 0
+
+
+def test_a_usage_error_ends_with_a_hint_line():
+    for argv, where in ((["status", "--bogus"], "status"), (["frobnicate"], ""), (["env", "nope"], "env")):
+        r = run_cli(*argv)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        last = r.stderr.rstrip().splitlines()[-1]
+        assert last.startswith("hint: `") and f"m3fuse {where}".rstrip() + " --help`" in last, (argv, last)
+        assert len(last) <= HINT_COLUMNS
+    ok = run_cli("--version")
+    assert ok.returncode == 0 and "hint" not in ok.stdout + ok.stderr

@@ -156,13 +156,34 @@ class _Group(click.Group):
         a signal after the command has finished is ignored, never reported as `Aborted!`."""
         interrupt.install()
         try:
-            return super().main(*args, **kwargs)
+            if kwargs.get("standalone_mode", True) is False:
+                return super().main(*args, **kwargs)
+            return self._standalone(*args, **kwargs)
         except interrupt.Signalled as sig:
             exc = Interrupted(interrupt.report(sig))
             click.echo(f"m3fuse: {exc.message}", err=True)
             sys.exit(exc.exit_code)
         finally:
             interrupt.ignore()
+
+
+    def _standalone(self, *args: Any, **kwargs: Any) -> Any:
+        """click's standalone mode, with one `hint:` line after a usage error (exit 2) as after
+        every other failure."""
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            exc.show()
+            where = exc.ctx.command_path if exc.ctx is not None else "m3fuse"
+            click.echo(f"hint: `{where} --help` lists the options and what each takes", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -311,7 +332,8 @@ def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 @_exact_pins_option
 def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
            expect: str, no_wheels: bool, lock_path: Path | None, exact_pins: bool) -> None:
-    """Read-only check: exit 0 only if vLLM (and the wheels) are exactly as expected."""
+    """Read-only check: exit 0 only if vLLM is as expected and every pinned wheel is accepted
+    (the pin, or a build install keeps); names each accepted build and why."""
 
     def body() -> int:
         tree = _tree(python, vllm_root, patches_dir)
