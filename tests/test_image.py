@@ -164,6 +164,9 @@ def test_the_readme_sequence_builds_an_image_that_verifies(readme_run, podman, i
     _, proc = readme_run
     assert "verify: OK" in proc.stdout and f"{SET}" in proc.stdout, proc.stdout[-3000:]
     out = verify_ok(podman, image)
+    # verify names the builds it accepted: here the test lock's pins, installed by the build.
+    assert f"wheel amd-aiter {AITER_V}: pinned (pinned {AITER_V})" in out, out
+    assert f"wheel flydsl {FLY_V}: pinned (pinned {FLY_V})" in out, out
     assert f"{SET}" in out
     # m3fuse, AITER and FlyDSL live in vLLM's own Python; the lock the image was built with is
     # the one verify reads.
