@@ -10,7 +10,11 @@ so they can be scanned::
         pinned:    0.1.15.post1
     hint: one line saying what to do
 
-`.message` is always the whole text (the --json error object carries it unchanged).
+`.message` is always the whole text (the --json error object carries it unchanged). Every
+error ends with one `hint:` line: the one given where it is raised, else its class's
+`next_step` (tests/test_hints.py walks the catalogue and every raise site). A hint is one
+line of at most HINT_COLUMNS columns with its `hint: ` prefix, counting each value filled in
+at run time as 8 columns.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from collections.abc import Sequence
 # A details row: (label, value). A row with an empty label is a sub-heading (a file or a
 # wheel); the rows below it are indented under it and the labels of a group align.
 Row = tuple[str, str]
+
+# 120, not 80: the hints name the command to run with its options and the file or version it
+# is about (`pip install --force-reinstall --no-deps vllm==0.34.0`), which 80 columns cannot
+# hold together with the `hint: ` prefix; 120 is the width of a terminal split in two panes
+# on a laptop screen and what the CLI's --help wraps at plus margin.
+HINT_COLUMNS = 120
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -48,14 +58,19 @@ class M3fuseError(Exception):
 
     exit_code: int = EXIT_ENVIRONMENT
     kind: str = "error"
+    # The next step when the raise site gives none: true of every error of the class.
+    next_step: str | None = "fix the cause named above and run the same command again"
 
     def __init__(self, message: str | None = None, *, headline: str | None = None,
                  details: Sequence[Row] = (), hint: str | None = None) -> None:
         self.headline = headline if headline is not None else (message or "")
         self.details: tuple[Row, ...] = tuple(details)
-        self.hint = hint
+        given = message is not None and "\nhint: " in message
+        self.hint = hint if hint is not None or given else self.next_step
         if message is None:
-            message = render(self.headline, self.details, hint)
+            message = render(self.headline, self.details, self.hint)
+        elif self.hint and not given:
+            message = f"{message}\nhint: {self.hint}"
         super().__init__(message)
         self.message = message
         # Extra keys for the --json error object (e.g. the wheel plan a refusal was judged on).
@@ -91,6 +106,7 @@ def render(headline: str, details: Sequence[Row] = (), hint: str | None = None) 
 class UsageProblem(M3fuseError):
     exit_code = EXIT_USAGE
     kind = "usage"
+    next_step = "correct the option or file named above; `m3fuse COMMAND --help` lists the options"
 
 
 class DriftError(M3fuseError):
@@ -98,6 +114,7 @@ class DriftError(M3fuseError):
 
     exit_code = EXIT_DRIFT
     kind = "drift"
+    next_step = "reinstall that vLLM release (pip --force-reinstall --no-deps), or `m3fuse port` an edit you meant"
 
 
 class UnsupportedError(M3fuseError):
@@ -105,6 +122,7 @@ class UnsupportedError(M3fuseError):
 
     exit_code = EXIT_DRIFT
     kind = "unsupported"
+    next_step = "install a release `m3fuse sets` lists, or make a set: `m3fuse port --name NAME --out DIR`"
 
 
 class PatchSetError(M3fuseError):
@@ -113,6 +131,7 @@ class PatchSetError(M3fuseError):
 
     exit_code = EXIT_DRIFT
     kind = "bad-patch-set"
+    next_step = "use the shipped sets (drop --patches), or fix the set file named above"
 
 
 class IntegrityError(M3fuseError):
@@ -120,6 +139,7 @@ class IntegrityError(M3fuseError):
 
     exit_code = EXIT_INTEGRITY
     kind = "integrity"
+    next_step = "fetch the file again from a trusted source; re-pin with `m3fuse lock add` only if intended"
 
 
 class RedirectRefused(IntegrityError):
@@ -161,10 +181,12 @@ class UnsafePath(EnvironmentProblem):
     anything is written (docs/reliability.md, threat model)."""
 
     kind = "unsafe-path"
+    next_step = "put a regular file or a folder only you can write at the path named above"
 
 
 class LockBusy(EnvironmentProblem):
     kind = "lock-busy"
+    next_step = "wait for the other m3fuse run to finish (or raise --lock-timeout), then run again"
 
 
 class MergeConflict(M3fuseError):
@@ -172,6 +194,7 @@ class MergeConflict(M3fuseError):
 
     exit_code = EXIT_CONFLICT
     kind = "merge-conflict"
+    next_step = "resolve the files in the work folder, then run `m3fuse port --resume WORKDIR`"
 
 
 class NotPatched(M3fuseError):
@@ -180,6 +203,7 @@ class NotPatched(M3fuseError):
 
     exit_code = EXIT_DRIFT
     kind = "not-patched"
+    next_step = "run `m3fuse install` first"
 
 
 class Interrupted(M3fuseError):
@@ -187,3 +211,4 @@ class Interrupted(M3fuseError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+    next_step = None  # its one line ends with the command that finishes or undoes the job

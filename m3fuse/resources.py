@@ -29,8 +29,7 @@ def refuse_writing_into_package(path: Path, option: str) -> Path:
         raise UsageProblem(
             headline=f"refusing to write {path}: it is inside the installed m3fuse package",
             details=[("installed data", str(shipped))],
-            hint=f"a reinstall of m3fuse would lose the change; pass {option} with a path of your own "
-                 f"(copy the shipped one there first to start from it)")
+            hint=f"pass {option} with a path of your own (a copy of the shipped one to start from)")
     return path
 
 

@@ -93,8 +93,7 @@ def from_root(root: Path, *, python: str | None = None, version: str | None = No
     if not (root / "vllm").is_dir():
         raise EnvironmentProblem(
             headline="there is no 'vllm' package directory here", details=[("folder", str(root))],
-            hint="--vllm-root must name the directory that contains vllm/ (site-packages, or an extracted "
-                 "wheel), e.g. '.venv/lib/python3.12/site-packages'")
+            hint="give --vllm-root the folder holding vllm/, e.g. '.venv/lib/python3.12/site-packages'")
     info, meta_version = dist_info(root)
     return VllmTarget(root, meta_version or version, python, info)
 
@@ -213,8 +212,7 @@ def locate(*, python: str | None = None, vllm_root: Path | None = None, ask: boo
         raise EnvironmentProblem(
             headline="vLLM is not installed for the target Python: `import vllm` would fail there",
             details=[("python", exe)],
-            hint="install vLLM into that environment, point m3fuse at it with --python /path/to/python, or "
-                 "at an unpacked tree with --vllm-root DIR")
+            hint="install vLLM there, or point m3fuse at vLLM's Python (--python P) or tree (--vllm-root DIR)")
     pkg_dir = Path(locations[0])
     return from_root(pkg_dir.parent, python=exe, version=info.get("version"))
 

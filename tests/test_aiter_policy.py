@@ -81,6 +81,15 @@ def test_a_newer_sound_aiter_is_kept_and_verify_passes(tmp_path, vllm_tree, venv
     out = json.loads(v.stdout)
     row = next(w for w in out["wheels"] if w["name"] == "amd-aiter")
     assert row["ok"] and row["kept"] == f"installed {NEWER} is newer and sound"
+    # verify names every accepted build and why, in --json and in text; the lock it judged by.
+    assert out["accepted"] == [
+        {"name": "flydsl", "version": FLY, "pinned_version": FLY, "reason": "pinned"},
+        {"name": "amd-aiter", "version": NEWER, "pinned_version": PIN, "reason": "kept: newer and sound"}]
+    assert out["lock"]["path"] == str(lock) and len(out["lock"]["sha256"]) == 64
+    text = wheel_step("verify", tree, venv, lock, tmp_path)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert f"wheel amd-aiter {NEWER}: kept: newer and sound (pinned {PIN})" in text.stdout
+    assert f"wheel flydsl {FLY}: pinned (pinned {FLY})" in text.stdout
     # The defects report names the AITER actually installed: 0.1.23 has every barrier fix.
     assert out["aiter"]["version"] == NEWER and [d["id"] for d in out["aiter"]["defects"]] == ["ROCm/aiter#4888"]
     again = wheel_step("install", tree, venv, lock, tmp_path, "--json")
@@ -148,7 +157,9 @@ def test_on_0_30_plus_the_pin_is_never_installed(tmp_path, vllm_tree, venv, serv
     v = wheel_step("verify", tree, venv, lock, tmp_path, "--json")
     assert v.returncode == EXIT_ENVIRONMENT
     row = next(w for w in json.loads(v.stdout)["wheels"] if w["name"] == "amd-aiter")
-    assert row["state"] == "needs-unmet" and any("msa_attention" in p for p in row["problems"])
+    assert row["state"] == "needs-unmet" and any("msa_attention" in u for u in row["unmet"])
+    assert all(len(p) < 200 for p in row["problems"]), row["problems"]  # the whole lists: "unmet"/"lacks"
+    assert json.loads(v.stdout)["hint"].startswith("install a build of amd-aiter with what vLLM needs")
     assert wheel_step("verify", tree, venv, lock, tmp_path, "--exact-pins").returncode == 0
 
 
@@ -159,7 +170,10 @@ def test_on_0_24_to_0_29_the_pin_is_still_installed(tmp_path, vllm_tree, venv, s
     r = wheel_step("install", tree, venv, lock, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed(venv, "amd-aiter") == PIN and requested(server) == {"flydsl", "amd_aiter"}
-    assert wheel_step("verify", tree, venv, lock, tmp_path).returncode == 0
+    v = wheel_step("verify", tree, venv, lock, tmp_path, "--json")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert [(a["name"], a["reason"]) for a in json.loads(v.stdout)["accepted"]] == [("flydsl", "pinned"),
+                                                                                  ("amd-aiter", "pinned")]
 
 
 @pytest.mark.parametrize("metadata", ["Metadata-Version: 2.1\nName: amd-aiter\nVersion: not a version\n\n", None])
@@ -176,7 +190,10 @@ def test_an_installed_aiter_without_a_readable_version_is_refused_cleanly(tmp_pa
     assert r.returncode == EXIT_ENVIRONMENT, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["error"]["kind"] == "aiter-needs-unmet" and "Traceback" not in r.stderr
-    assert "cannot be compared with 0.1.21.post2" in out["error"]["message"]
+    # The message summarises the installed build in one line; --json lists all it lacks.
+    lacks = next(w for w in out["wheels"] if w["name"] == "amd-aiter")["lacks"]
+    assert any("cannot be compared with 0.1.21.post2" in x for x in lacks), lacks
+    assert "--json lists all" in out["error"]["message"]
     assert server.log == []
 
 
@@ -218,3 +235,25 @@ def test_lock_add_records_what_a_new_pin_provides_and_install_then_uses_it(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed(venv, "amd-aiter") == NEWER and requested(server) == {"flydsl", "amd_aiter"}
     assert wheel_step("verify", tree, venv, lock, tmp_path).returncode == 0
+
+
+def test_an_installed_build_with_what_the_pin_lacks_is_accepted_as_needs_met(tmp_path, vllm_tree, venv, server):
+    """A newer pin whose recorded facts lack a module the release imports, and an older
+    installed build that has it: install keeps the installed one, and verify names it
+    `needs met` (the third reason, beside `pinned` and `kept: newer and sound`)."""
+    tree = vllm_tree("0.33.0")
+    pinned, older = "0.1.30", "0.1.22"
+    pip_install(venv, aiter_build(tmp_path / "image", older, needed_modules("vllm-0.33.0")))
+    facts = ('\n[packages.tool.m3fuse]\nversion = "0.1.30"\nsource = "test facts"\n'
+             '[packages.tool.m3fuse.modules]\n"aiter.ops.msa_attention" = false\n')
+    lock = wheelkit.served_lock(tmp_path, server, fly=("flydsl", FLY, {"flydsl/__init__.py": ""}), aiter=pinned,
+                                extra=facts)
+    r = wheel_step("install", tree, venv, lock, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed(venv, "amd-aiter") == older and requested(server) == {"flydsl"}
+    v = wheel_step("verify", tree, venv, lock, tmp_path, "--json")
+    assert v.returncode == 0, v.stdout + v.stderr
+    row = next(a for a in json.loads(v.stdout)["accepted"] if a["name"] == "amd-aiter")
+    assert row == {"name": "amd-aiter", "version": older, "pinned_version": pinned, "reason": "needs met"}
+    text = wheel_step("verify", tree, venv, lock, tmp_path).stdout
+    assert f"wheel amd-aiter {older}: needs met (pinned {pinned})" in text

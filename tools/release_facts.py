@@ -3,7 +3,8 @@
 
 - tests/fusion_facts.json: the fusion matrix's rows, every fact read off each release's own
   files by the functions of tests/fusion_facts.py;
-- README.md's supported-releases table (release -> set) and docs/pins.md's counts and
+- README.md's supported-releases table (release -> set), its quick-start prerequisites (from
+  the needs files and the lock, as `m3fuse sets` prints them) and docs/pins.md's counts and
   fingerprint table, each between `<!-- BEGIN generated: ... -->` / `<!-- END ... -->` markers.
 
     python tools/release_facts.py --write   # after adding or changing a set
@@ -72,6 +73,20 @@ def pins_section(patches: Path = REPO / "patches") -> str:
     return "\n".join(lines + [PINS_END])
 
 
+PREREQ_BEGIN = "<!-- BEGIN generated: prerequisites -->"
+PREREQ_END = "<!-- END generated: prerequisites -->"
+
+
+def prerequisites_section(patches: Path = REPO / "patches", lock: Path = REPO / "wheels.lock") -> str:
+    """README's quick-start prerequisites: what `m3fuse sets` prints, from the needs files and
+    the lock (m3fuse.catalog)."""
+    from m3fuse.catalog import prerequisite_lines, prerequisites
+    from m3fuse.wheels.lock import load_lock
+
+    lines = prerequisite_lines(prerequisites(load_all(patches), load_lock(lock, spec=False)))
+    return "\n".join([PREREQ_BEGIN, *(f"- {line}" for line in lines), PREREQ_END])
+
+
 def with_section(path: Path, text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if len(pattern.findall(text)) != 1:
@@ -83,7 +98,8 @@ def outputs() -> dict[Path, str]:
     import fusion_facts
 
     return {fusion_facts.FACTS_JSON: fusion_facts.render(fusion_facts.derive()),
-            README: with_section(README, README.read_text(), readme_section()),
+            README: with_section(README, with_section(README, README.read_text(), readme_section()),
+                                 prerequisites_section(), PREREQ_BEGIN, PREREQ_END),
             PINS: with_section(PINS, PINS.read_text(), pins_section(), PINS_BEGIN, PINS_END)}
 
 

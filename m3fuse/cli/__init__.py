@@ -85,6 +85,24 @@ def _needs_if_found(python: str | None, vllm_root: Path | None, patches_dir: Pat
         return None
 
 
+def _verify_hint(tree: engine.TreeState, expect: str, wheel_hint: str | None) -> str:
+    """The one next step after a failed verify: the tree's first, then the wheels'."""
+    fix = "install" if expect == engine.PATCHED else "revert"
+    if tree.state in (engine.DRIFTED, engine.UNSUPPORTED):
+        try:
+            engine.refuse_unless_known(tree, read_only=True)
+        except M3fuseError as exc:
+            if exc.hint:
+                return exc.hint
+    if tree.state == engine.PARTIAL:
+        return "an interrupted run left it half done: run `m3fuse install` or `m3fuse revert`"
+    if tree.state != expect:
+        return f"run `m3fuse {fix}`"
+    if tree.problems:
+        return f"run `m3fuse {fix}`: it removes the stale .pyc files named above"
+    return wheel_hint or f"run `m3fuse {fix}` and verify again"
+
+
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--python", "python", metavar="PATH", callback=absolute_python,
@@ -141,13 +159,34 @@ class _Group(click.Group):
         a signal after the command has finished is ignored, never reported as `Aborted!`."""
         interrupt.install()
         try:
-            return super().main(*args, **kwargs)
+            if kwargs.get("standalone_mode", True) is False:
+                return super().main(*args, **kwargs)
+            return self._standalone(*args, **kwargs)
         except interrupt.Signalled as sig:
             exc = Interrupted(interrupt.report(sig))
             term.echo(f"m3fuse: {one_line(exc.message)}", err=True)  # one line, whatever the paths hold
             sys.exit(exc.exit_code)
         finally:
             interrupt.ignore()
+
+
+    def _standalone(self, *args: Any, **kwargs: Any) -> Any:
+        """click's standalone mode, with one `hint:` line after a usage error (exit 2) as after
+        every other failure."""
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            exc.show()
+            where = exc.ctx.command_path if exc.ctx is not None else "m3fuse"
+            click.echo(f"hint: `{where} --help` lists the options and what each takes", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -310,34 +349,43 @@ def revert(python: str | None, vllm_root: Path | None, patches_dir: Path | None,
 @_exact_pins_option
 def verify(python: str | None, vllm_root: Path | None, patches_dir: Path | None, as_json: bool,
            expect: str, no_wheels: bool, lock_path: Path | None, exact_pins: bool) -> None:
-    """Read-only check: exit 0 only if vLLM (and the wheels) are exactly as expected."""
+    """Read-only check: exit 0 only if vLLM is as expected and every pinned wheel is accepted
+    (the pin, or a build install keeps); names each accepted build and why."""
 
     def body() -> int:
         tree = _tree(python, vllm_root, patches_dir)
         out: dict[str, Any] = {"command": "verify", "expect": expect, **tree_json(tree)}
         failures, code = engine.judge(tree, expect)
+        accepted: list[str] = []
+        wheel_hint = None
         if not no_wheels and expect == engine.PATCHED:
             from ..wheels import step as wheels
-            results = wheels.verify_pinned(lock_path or resources.default_lock(), python or sys.executable,
-                                           needs=_needs(tree), exact=exact_pins)
-            out["wheels"] = results
-            wheel_failures, wheel_code = wheels.judge(results)
-            failures += wheel_failures
-            code = code or wheel_code
+            judged = wheels.verdict(lock_path or resources.default_lock(), python or sys.executable,
+                                    needs=_needs(tree), exact=exact_pins)
+            out.update(wheels=judged.results, accepted=judged.accepted, lock=judged.lock)
+            accepted, wheel_hint = judged.lines(), judged.hint
+            failures += judged.failures
+            code = code or judged.exit_code
         from ..runtime import defects as aiter_defects
         probed = next((r.get("installed_version") for r in out.get("wheels", [])
                        if r.get("name") == aiter_defects.AITER_DIST), None)
         out["aiter"] = aiter_defects.installed_report(tree.vllm.root, tree.vllm.version, probed)
         out["ok"] = code == EXIT_OK
         out["failures"] = failures
+        if code != EXIT_OK:
+            out["hint"] = _verify_hint(tree, expect, wheel_hint)
         if as_json:
             click.echo(_dumps(out))
         else:
             term.echo(tree_table(tree))
+            for line in accepted:
+                term.echo(line)
             _aiter_warnings(out["aiter"], as_json)
             for f in failures:
                 term.echo(f"FAIL: {f}", err=True)
             term.echo("verify: OK" if code == EXIT_OK else f"verify: FAILED (exit {code})")
+            if code != EXIT_OK:
+                term.echo(f"hint: {out['hint']}", err=True)
         return code
 
     _run(as_json, body)

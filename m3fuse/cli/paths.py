@@ -29,5 +29,18 @@ class AbsPath(click.Path):
 
 
 def absolute_python(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--python: a path against the current directory, a bare name through PATH."""
-    return resolve_python(value) if value else value
+    """--python: a path against the current directory, a bare name through PATH. A venv (or
+    any environment) folder stands for its bin/python, which is what was meant."""
+    if not value:
+        return value
+    python = resolve_python(value)
+    if os.path.isdir(python):
+        exe = os.path.join(python, "bin", "python")
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return exe
+        from ..errors import EnvironmentProblem  # exit 5, as for any other --python that is no Python
+
+        raise EnvironmentProblem(headline=f"--python {python} is a folder, not a Python interpreter (it has no "
+                                          f"bin/python)",
+                                 hint="give the interpreter's file, e.g. /path/to/venv/bin/python")
+    return python

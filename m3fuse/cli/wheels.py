@@ -43,16 +43,43 @@ _cache_option = click.option("--cache-dir", type=AbsPath(file_okay=False), defau
 @click.option("--download-deadline", "deadline", type=float, default=None, metavar="SECONDS",
               help="Give up on a wheel's download after this long, retries included (default: "
                    "$M3FUSE_DOWNLOAD_DEADLINE, else 3600).")
+@click.option("--python-version", metavar="X.Y", default=None,
+              help="With --all: the CPython of the machine or image the wheels are for; refuse a pin with no "
+                   "wheel for it.")
+@click.option("--for-vllm", metavar="X.Y.Z", default=None,
+              help="Leave out pins that vLLM X.Y.Z cannot run M3 with (install keeps the environment's own "
+                   "build there and never installs them).")
 def fetch_command(dest: Path, lock_path: Path | None, cache_dir: Path | None, find_links: tuple[Path, ...],
-                  python: str | None, all_wheels: bool, deadline: float | None) -> None:
+                  python: str | None, all_wheels: bool, deadline: float | None, python_version: str | None,
+                  for_vllm: str | None) -> None:
     """Download and verify the pinned wheels into DEST without installing anything
     (for air-gapped machines and multi-stage container builds)."""
     from ..wheels.step import WheelOptions, fetch_only
 
+    if python_version is not None and not all_wheels:
+        raise UsageProblem(headline="--python-version goes with --all",
+                           hint="add --all: it fetches the lock's wheels for another machine's Python")
     opts = WheelOptions(lock_path=lock_path or default_lock(), cache_dir=cache_dir, find_links=list(find_links),
-                        python=python or sys.executable, all_wheels=all_wheels, deadline=deadline)
+                        python=python or sys.executable, all_wheels=all_wheels, deadline=deadline,
+                        python_version=python_version,
+                        needs=_release_needs(for_vllm) if for_vllm else None, skip_unfit=bool(for_vllm))
     for p in fetch_only(opts, dest, echo=_echo):
         term.echo(str(p))
+
+
+def _release_needs(version: str):
+    """The shipped set's needs for vLLM `version` (the set that covers it by its manifest)."""
+    from ..patching.patchset import load_all
+    from ..resources import patches_dir
+    from ..wheels.needs import load_needs
+
+    sets = load_all(patches_dir())
+    found = next((s for s in sets if version in s.vllm_versions), None)
+    if found is None:
+        raise UsageProblem(headline=f"--for-vllm {version}: no shipped patch set covers that release",
+                           details=[("covered", ", ".join(v for s in sets for v in s.vllm_versions))],
+                           hint="give the vLLM release of the image (its tag), as `m3fuse sets` lists them")
+    return load_needs(found.folder)
 
 
 @click.group("lock")

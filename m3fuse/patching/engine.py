@@ -191,17 +191,16 @@ def refuse_unless_known(tree: TreeState, *, read_only: bool = False) -> None:
         raise EnvironmentProblem(
             headline=(f"{odd[0].path}: not a regular file (a directory or a device sits where the "
                       f"{pset.name} set expects a source file of vLLM){unchanged}"),
-            hint=(f"something other than pip has rearranged this install; reinstall vLLM "
-                  f"(pip install --force-reinstall --no-deps vllm=={tree.vllm.version or 'X'}) and run "
-                  f"m3fuse again"))
+            hint=(f"reinstall vLLM: pip install --force-reinstall --no-deps "
+                  f"vllm=={tree.vllm.version or 'X'}, then run m3fuse again"))
     version = tree.vllm.version or "unknown (no vllm dist-info)"
     if tree.state == DRIFTED:
         raise DriftError(
             headline=(f"vLLM {version} at {tree.vllm.root} has drifted from patch set "
                       f"{tree.patch_set.name}{unchanged}"),
             details=_file_rows(tree),
-            hint=(f"the installed files are not the release m3fuse knows; reinstall vLLM {version} from "
-                  f"its wheel (pip install --force-reinstall --no-deps vllm=={version}) and run m3fuse again"))
+            hint=(f"pip install --force-reinstall --no-deps vllm=={version}, or for a custom build: "
+                  f"`m3fuse port --name N --out DIR`"))
     if tree.state == UNSUPPORTED:
         supported = ", ".join(f"{s.name} ({', '.join(s.vllm_versions)})" for s in tree.supported) or "none"
         rows = [("supported sets", supported)]
@@ -219,9 +218,8 @@ def refuse_unless_known(tree: TreeState, *, read_only: bool = False) -> None:
             headline=(f"vLLM {version} at {tree.vllm.root} is not supported: no patch set matches its "
                       f"files{unchanged}"),
             details=rows,
-            hint=("install one of the supported releases (`m3fuse sets` lists them), or make a set for "
-                  f"this tree with `m3fuse port --from {tree.closest.name if tree.closest else 'SET'} "
-                  f"--name NAME` (`m3fuse port --help`)"))
+            hint=("install a release `m3fuse sets` lists, or make a set: `m3fuse port --from "
+                  f"{tree.closest.name if tree.closest else 'SET'} --name NAME --out DIR`"))
 
 
 def judge(tree: TreeState, expect: str) -> tuple[list[str], int]:

@@ -147,8 +147,8 @@ def apply_resolution(merged: bytes, diff: FileDiff, *, where: str) -> bytes:
                 details=[("expected", f"near line {want + 1}: {first.rstrip()!r} (and its {len(old) - 1} "
                                       f"following line(s)) as recorded"),
                          ("got", "no such lines in the new merge: the base changed the resolved region")],
-                hint="port the set again (`m3fuse port --from BASE`), resolve the conflicts by hand, "
-                     "then `m3fuse port --record-resolutions`")
+                hint="port it again (`m3fuse port --from BASE`), resolve by hand, then "
+                     "`m3fuse port --record-resolutions`")
         shift = at - (hunk.old_start - (1 if old else 0))
         out += lines[cursor:at] + list(hunk.new_lines)
         cursor = at + len(old)

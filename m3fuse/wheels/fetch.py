@@ -116,8 +116,8 @@ class FetchConfig:
             return got
         except safeio.Unsafe as exc:
             raise safeio.refusal(exc, nothing="nothing was downloaded or installed",
-                                 hint=f"m3fuse uses only a cache folder it owns (as pip does); pass a private "
-                                      f"folder with --cache-dir DIR, or set XDG_CACHE_HOME (cache: {root})") from None
+                                 hint=f"pass a folder only you can write with --cache-dir DIR, or set XDG_CACHE_HOME "
+                                      f"(cache: {root})") from None
 
 
 def default_cache_dir() -> Path:
@@ -166,8 +166,7 @@ def mismatch_error(rows: list[Row], *, removed: bool = True) -> IntegrityError:
         headline=MISMATCH_HEADLINE + ("; the bad file was deleted and nothing was installed" if removed
                                       else "; nothing was installed"),
         details=rows,
-        hint="if the lock is right, someone may have changed the file at its source: do not install it; "
-             "fetch it again from a trusted source, or, if the new build is intended, re-pin it with `m3fuse lock add`")
+        hint="do not install it; fetch it from a trusted source, or re-pin an intended build: `m3fuse lock add`")
 
 
 def _bar(label: str, total: int | None, have: int, show: bool | None):  # noqa: ANN202 - click's bar or None
@@ -443,12 +442,11 @@ def _from_local(wheel: LockedWheel, src: Path, cfg: FetchConfig) -> Path:
             raise EnvironmentProblem(
                 headline=f"the pinned wheel {wheel.name} does not exist",
                 details=[("pinned", wheel.url), ("looked at", str(src))],
-                hint="put the file there (for example with `m3fuse fetch --dest DIR` on a connected machine) "
-                     "or pass its folder with --find-links DIR") from None
+                hint="put the file there (`m3fuse fetch --dest DIR` on a connected machine), or --find-links DIR") from None
         except safeio.Unsafe as exc:
             raise safeio.refusal(exc, nothing="nothing was read or installed",
-                                 hint=f"the lock's url for {wheel.name} must name a wheel file; fix the lock "
-                                      f"entry or pass the wheel's folder with --find-links DIR") from None
+                                 hint=f"fix the lock's url for {wheel.name} (a wheel file), or pass its folder with "
+                                      f"--find-links DIR") from None
         except OSError as exc:
             raise EnvironmentProblem(headline=f"cannot read the wheel {wheel.name}",
                                      details=[("file", str(src)), ("error", str(exc))],
@@ -637,9 +635,8 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     raise EnvironmentProblem(
                         headline=f"downloading {label} failed: the host name in its URL does not resolve",
                         details=[("url", url), ("error", unresolved)],
-                        hint="check the URL in the lock and this machine's DNS (or proxy: requests reads "
-                             "HTTPS_PROXY), or download the file elsewhere and pass its folder with "
-                             "--find-links DIR") from None
+                        hint="check the lock's URL and this machine's DNS (or HTTPS_PROXY), or download it "
+                             "elsewhere: --find-links DIR") from None
                 raise _Retry(f"connection failed: {exc}") from None
             with resp:
                 status = resp.status_code
@@ -653,8 +650,7 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     raise EnvironmentProblem(
                         headline=f"downloading {label} failed with HTTP {status} ({resp.reason})",
                         details=[("url", url)],
-                        hint="check the URL in the lock, your proxy settings and ~/.netrc credentials, or "
-                             "download the file elsewhere and pass its folder with --find-links DIR")
+                        hint="check the lock's URL, the proxy and ~/.netrc, or download it elsewhere: --find-links DIR")
                 if status == 206 and have:
                     cr = resp.headers.get("Content-Range", "")
                     if not cr.startswith(f"bytes {have}-"):
@@ -730,8 +726,8 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                     headline=f"downloading {label} failed after {attempt + 1} attempts; the partial file was "
                              f"deleted and nothing was installed",
                     details=[("url", url), ("last error", last_error)],
-                    hint="check the network or proxy (requests reads HTTPS_PROXY and ~/.netrc), retry later, or "
-                         "download the file elsewhere and pass its folder with --find-links DIR") from None
+                    hint="check the network, HTTPS_PROXY and ~/.netrc, retry later, or download it elsewhere: "
+                         "--find-links DIR") from None
             delay = min(cfg.backoff * (2 ** attempt), cfg.backoff_max)
             attempt += 1
             how = f"resuming at byte {have}" if have else "from the start"

@@ -179,10 +179,9 @@ def _write_stamp(stamp: Path | None) -> None:
 
 
 def _bad(path: Path, where: str, problem: str) -> LockError:
-    return LockError(headline=f"the wheel lock is refused: {problem}",
+    return LockError(headline=f"the wheel lock is refused: {problem}; nothing was downloaded or installed",
                      details=[("file", str(path)), ("entry", where)],
-                     hint=f"fix that entry (or re-create it with `m3fuse lock add URL|FILE --lock {path}`); "
-                          f"nothing was downloaded or installed")
+                     hint=f"fix that entry, or re-create it: `m3fuse lock add URL|FILE --lock {path}`")
 
 
 def _validate_spec(data: dict, path: Path) -> None:

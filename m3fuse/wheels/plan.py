@@ -28,6 +28,13 @@ REINSTALL = "reinstall"  # intact, but --force-reinstall
 REPLACE = "replace"  # installed under a version that is not PEP 440: no order to judge
 UNMET = "unmet"  # the release needs more than the pin provides and nothing installed has it: refused
 
+# Why a build is accepted (verify names it): the pin itself, a newer installed build that is
+# intact, passes the content checks and meets the release's needs, or an installed build that
+# meets the needs where the pin does not.
+PINNED = "pinned"
+KEPT_NEWER = "kept: newer and sound"
+KEPT_NEEDS = "needs met"
+
 
 @dataclass
 class Step:
@@ -37,6 +44,8 @@ class Step:
     wheel: LockedWheel | None = None  # chosen when the action needs one
     reason: str | None = None  # why the release's needs chose this action (None: the pin decided)
     unmet: tuple[str, ...] = ()  # UNMET: what the pin lacks; else what a refused installed build lacks
+    kept: str | None = None  # KEEP of a build other than the pin: KEPT_NEWER or KEPT_NEEDS
+    lacks: tuple[str, ...] = ()  # what the installed build lacks, when the plan did not keep it
 
     @property
     def changes(self) -> bool:
@@ -87,20 +96,40 @@ def decide(pkg: LockedPackage, info: dict | None, *, force: bool, exact: bool, n
             sound.unmet[:0] = [f"its files differ from its RECORD ({info['problems'][0]})"]
     newer = step.action == DOWNGRADE
     if newer and sound is not None and sound.ok:
-        step.action, step.reason = KEEP, f"installed {have} is newer and sound"
+        step.action, step.reason, step.kept = KEEP, f"installed {have} is newer and sound", KEPT_NEWER
         return step
     pinv = pin_verdict(pkg, needs, lock_path)
     if pinv.ok:
         if newer and sound is not None:
             step.reason = f"installed {have} is newer but not sound: {'; '.join(sound.unmet)}"
+            step.lacks = tuple(sound.unmet)
         return step
     if sound is not None and sound.ok and step.action != REPLACE:
-        step.action, step.reason = KEEP, f"installed {have} has what vLLM {vllm} needs; the pin does not"
+        step.action, step.kept = KEEP, KEPT_NEEDS
+        step.reason = f"installed {have} has what vLLM {vllm} needs; the pin does not"
         return step
     step.action, step.unmet = UNMET, tuple(pinv.unmet)
     if sound is not None:
         step.reason = f"installed {have or 'of unknown version'} is not enough: {'; '.join(sound.unmet)}"
+        step.lacks = tuple(sound.unmet)
     return step
+
+
+def brief(items: Sequence[str], width: int = 90) -> str:
+    """The first of `items`, cut to `width` characters, and how many more there are: a line a
+    terminal shows whole (--json carries them all)."""
+    if not items:
+        return ""
+    first = items[0] if len(items[0]) <= width else items[0][:width - 3] + "..."
+    return first + (f" (+{len(items) - 1} more, --json lists all)" if len(items) > 1 else "")
+
+
+def short_reason(s: Step) -> str | None:
+    """Step.reason in one terminal line: what an installed build lacks is summarised."""
+    if s.lacks and s.reason:
+        head = s.reason.split(": ", 1)[0]
+        return f"{head}: {brief(s.lacks)}"
+    return s.reason
 
 
 def pin_verdict(pkg: LockedPackage, needs: Needs | None, lock_path: str) -> fit.Verdict:
@@ -146,16 +175,14 @@ def refuse_unmet(steps: Sequence[Step], python: str, needs: Needs | None, lock: 
         if missing:
             rows.append(("modules", ", ".join(missing)))
         rows += [("pinned", s.package.version)] + [("pin lacks", u) for u in s.unmet]
-        rows.append(("installed", s.reason or (f"{s.installed}" if s.installed else "nothing")))
+        rows.append(("installed", short_reason(s) or (f"{s.installed}" if s.installed else "nothing")))
     need = fit.needs_of(needs, bad[0].package.key)
     want = f" >= {need.min_version}" if need is not None and need.min_version else ""
     raise AiterNeedsUnmet(
         headline=f"vLLM {vllm}'s MiniMax M3 needs a newer {', '.join(s.package.name for s in bad)} than the lock "
                  f"pins, and none is installed; nothing was downloaded or installed",
         details=rows,
-        hint=f"pin a {bad[0].package.name}{want} build with `m3fuse lock add URL|FILE` (--lock FILE for your own "
-             f"lock), or install one into the target first (m3fuse then keeps it); --exact-pins installs the pin "
-             f"anyway, which breaks this release's M3 model")
+        hint=f"install {bad[0].package.name}{want} first (m3fuse keeps it), or pin one: `m3fuse lock add URL|FILE`")
 
 
 def refuse_downgrades(steps: Sequence[Step], python: str) -> None:
@@ -168,8 +195,7 @@ def refuse_downgrades(steps: Sequence[Step], python: str) -> None:
     raise DowngradeRefused(
         headline=f"install would downgrade {len(down)} distribution(s) in {python}; nothing was changed",
         details=rows,
-        hint="a newer build is installed (the image's own?); pin it with `m3fuse lock add` if the fusion "
-             "works with it, or pass --allow-downgrade to install the pinned one anyway")
+        hint="pin the newer build with `m3fuse lock add` if M3 runs with it, or install the pin: --allow-downgrade")
 
 
 def refuse_externally_managed(marker: str | None, python: str, *, allowed: bool) -> None:
@@ -179,9 +205,7 @@ def refuse_externally_managed(marker: str | None, python: str, *, allowed: bool)
     raise ExternallyManaged(
         headline="the target Python is externally managed (PEP 668); nothing was downloaded or installed",
         details=[("python", python), ("marker", marker)],
-        hint=f"install into a virtual environment (`{python} -m venv /opt/venv`, then --python "
-             f"/opt/venv/bin/python), or pass --break-system-packages to install into it anyway "
-             f"(m3fuse then passes that flag to pip)")
+        hint=f"use a venv (`{python} -m venv /opt/venv`, --python /opt/venv/bin/python) or --break-system-packages")
 
 
 def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]], lock: Lock, python: str) -> None:
@@ -201,17 +225,18 @@ def choose_wheels(steps: Sequence[Step], tags_of: Callable[[], tuple[str, ...]],
                 headline=f"no wheel pinned for {s.package.name} {s.package.version} fits the target Python",
                 details=[("lock", str(lock.path)), ("python", python),
                          ("best tag", tag_strs[0] if tag_strs else "unknown"), ("lock offers", offered)],
-                hint="point --python at an interpreter the pinned build was made for (for the shipped lock: "
-                     "CPython 3.12 on x86_64 Linux), or pin a matching wheel with `m3fuse lock add`")
+                hint="give --python a Python the pin fits (the shipped lock's: CPython 3.12, x86_64); "
+                     "fetch for another machine: --all")
 
 
 def as_json(steps: Sequence[Step]) -> list[dict]:
     return [{"name": s.package.name, "pinned_version": s.package.version, "installed_version": s.installed,
-             "action": s.action, "reason": s.reason, "unmet": list(s.unmet), "result": "unchanged", "file": None,
+             "action": s.action, "reason": s.reason, "unmet": list(s.unmet), "lacks": list(s.lacks),
+             "result": "unchanged", "file": None,
              "sha256": s.wheel.sha256 if s.wheel else None, "url": s.wheel.url if s.wheel else None}
             for s in steps]
 
 
 def describe(s: Step) -> str:
-    why = f" ({s.reason})" if s.reason else ""
+    why = f" ({short_reason(s)})" if s.reason else ""
     return f"{s.package.name}: installed {s.installed or '-'}, pinned {s.package.version}: {s.action}{why}"

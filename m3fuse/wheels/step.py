@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row
+from ..errors import (EXIT_ENVIRONMENT, EXIT_INTEGRITY, EXIT_OK, EnvironmentProblem, IntegrityError, M3fuseError, Row,
+                      UsageProblem)
 from .. import interrupt, safeio
 from ..fingerprint import hash_file
 from . import fit
@@ -51,6 +52,8 @@ class WheelOptions:
     allow_downgrade: bool = False  # replace a newer installed version with the pinned one
     break_system_packages: bool = False  # install into an externally managed (PEP 668) Python
     all_wheels: bool = False  # fetch_only: every wheel of the lock, not just the target's
+    python_version: str | None = None  # fetch_only --all: the image's Python ("3.12"); each pin must fit it
+    skip_unfit: bool = False  # fetch_only: leave out pins that cannot meet `needs` (install never uses them)
     retries: int = 4
     backoff: float = 2.0
     connect_timeout: float = 15.0
@@ -208,8 +211,7 @@ def _install(opts: WheelOptions, cfg: FetchConfig, lock: Lock, dry_run: bool,
         raise EnvironmentProblem(
             headline="installing the pinned wheels changed torch",
             details=[("python", python), ("before", tb or "not installed"), ("after", ta or "not installed")],
-            hint="the fusion needs the environment's own torch build; reinstall it (from the image or your "
-                 "ROCm torch wheel) before using vLLM")
+            hint="reinstall the environment's own torch (the image's or your ROCm wheel) before using vLLM")
     return results
 
 
@@ -279,8 +281,8 @@ def _pip_failure(failed: PipFailed, steps: list[planner.Step], before: dict, aft
     return EnvironmentProblem(
         headline=f"pip failed installing {failed_on.package.name} {failed_on.package.version}",
         details=rows,
-        hint="fix the cause (permissions, disk space, a file in the way) and run m3fuse install again; "
-             "the verified wheels stay in the cache")
+        hint="fix the cause (permissions, disk space, a file in the way), run m3fuse install again "
+             "(wheels stay cached)")
 
 
 def installed_builds(lock: Lock, dists: dict[str, dict | None], needs: Needs | None,
@@ -300,36 +302,114 @@ def installed_builds(lock: Lock, dists: dict[str, dict | None], needs: Needs | N
 
 def verify_pinned(lock_path: Path, python: str, *, needs: Needs | None = None, exact: bool = False) -> list[dict]:
     """Per pinned package: name, expected_version, installed_version, state ("ok", "missing",
-    "wrong-version", "record-mismatch", "needs-unmet"), ok, record_files, problems, and "kept"
-    (why an installed build other than the pin is accepted). Accepts exactly what `install`
-    keeps (the same planner.decide). Never imports requests; reads the lock without
+    "wrong-version", "record-mismatch", "needs-unmet"), ok, record_files, problems, "accepted"
+    (why an installed build is accepted: planner.PINNED, KEPT_NEWER or KEPT_NEEDS; None when it
+    is not) and "kept" (the plan's reason for a build other than the pin). Accepts exactly what
+    `install` keeps (the same planner.decide). Never imports requests; reads the lock without
     packaging's PEP 751 validator (install, fetch and lock run it)."""
-    lock = load_lock(lock_path, spec=False)
+    return _verify(load_lock(lock_path, spec=False), python, needs, exact)
+
+
+def _verify(lock: Lock, python: str, needs: Needs | None, exact: bool) -> list[dict]:
     info = probe(python, [p.name for p in lock.packages])["dists"]
     results = verify_wheels(lock, python, info)
+    for r in results:
+        r["accepted"] = planner.PINNED if r["ok"] else None
     if exact:
         return results
     steps = planner.plan(lock, info, exact=False, needs=needs, installed=installed_builds(lock, info, needs, False))
     for s, r in zip(steps, results):
         if s.keeps_other:
-            r.update(state="ok", ok=True, problems=[], kept=s.reason, expected_version=s.installed)
+            r.update(state="ok", ok=True, problems=[], kept=s.reason, expected_version=s.installed,
+                     accepted=s.kept)
         elif s.action == planner.UNMET:
-            r.update(state="needs-unmet", ok=False,
-                     problems=[f"{s.package.name} {r['installed_version'] or '(not installed)'}: {s.reason or 'nothing installed'}"]
-                     + [f"the pin {s.package.version}: {u}" for u in s.unmet])
+            have, pin = r["installed_version"], s.package.version
+            if have == pin:
+                problems = [f"{s.package.name} {have} (the pin) lacks {planner.brief(s.unmet, 60)}"]
+            else:
+                problems = [f"{s.package.name} {have}: lacks {planner.brief(s.lacks, 60)}" if have else
+                            f"{s.package.name} is not installed",
+                            f"the pin {pin} lacks {planner.brief(s.unmet, 60)}"]
+            r.update(state="needs-unmet", ok=False, lacks=list(s.lacks), unmet=list(s.unmet), problems=problems)
     return results
 
 
-def judge(results: list[dict]) -> tuple[list[str], int]:
-    """What `verify` reports for `verify_pinned` results: the failures and the exit code (0 when
-    there are none)."""
+@dataclass
+class Verdict:
+    """What `verify` says of the wheels: every accepted build and why, every failure, the exit
+    code (0 when there is none) and the lock it was judged by."""
+
+    results: list[dict]
+    accepted: list[dict]  # name, version, pinned_version, reason
+    failures: list[str]
+    exit_code: int
+    lock: dict  # path, sha256
+
+    @property
+    def hint(self) -> str | None:
+        """The next step for the first failure (None when there is none)."""
+        bad = [r for r in self.results if r.get("state") != "ok"]
+        if not bad:
+            return None
+        lock = "" if self.lock["path"].endswith("/wheels.lock") else " --lock " + self.lock["path"]
+        if bad[0]["state"] == "needs-unmet":
+            return (f"install a build of {bad[0]['name']} with what vLLM needs (--json lists it), "
+                    f"or pin one: `m3fuse lock add`")
+        return f"run `m3fuse install{lock}`: it installs or repairs the pinned wheels"
+
+    def lines(self) -> list[str]:
+        """One line per accepted build, for the text output."""
+        return [f"wheel {a['name']} {a['version']}: {a['reason']} (pinned {a['pinned_version']})"
+                for a in self.accepted]
+
+
+def verdict(lock_path: Path, python: str, *, needs: Needs | None, exact: bool = False) -> Verdict:
+    """`verify`'s wheel half in one call: the lock read once, the target probed once, each
+    pinned distribution judged by the plan `install` follows (`needs`: the release's, from its
+    set; None where the release is not known)."""
+    from ..fingerprint import sha256_bytes
+    from .lock import parse_lock, read_lock_text
+
+    text = read_lock_text(Path(lock_path))
+    lock = parse_lock(text, Path(lock_path), spec=False)
+    results = _verify(lock, python, needs, exact)
+    pins = {p.name: p.version for p in lock.packages}
+    accepted = [{"name": r["name"], "version": r["installed_version"], "pinned_version": pins[r["name"]],
+                 "reason": r["accepted"]} for r in results if r["ok"]]
     bad = [r for r in results if r.get("state") != "ok"]
     failures = [f"wheel {r.get('name')}: {r.get('state')}: {'; '.join(r.get('problems') or [])}" for r in bad]
-    if not bad:
-        return failures, EXIT_OK
     # Edited files of an installed wheel are an integrity failure; a missing or other-version
     # package is an environment that was never set up.
-    return failures, EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT
+    code = EXIT_OK if not bad else (
+        EXIT_INTEGRITY if any(r.get("state") == "record-mismatch" for r in bad) else EXIT_ENVIRONMENT)
+    return Verdict(results, accepted, failures, code,
+                   {"path": str(lock.path), "sha256": sha256_bytes(text.encode("utf-8"))})
+
+
+def _refuse_unfit_python(packages: list, version: str, lock: Lock) -> None:
+    """Every package keeps a wheel a CPython `version` (e.g. "3.12") can install: by the
+    interpreter and ABI tags of its file names (the platform is the image's to judge)."""
+    import re
+
+    if not re.fullmatch(r"3\.[0-9]{1,2}", version):
+        raise UsageProblem(headline=f"--python-version must be a CPython version like 3.12; got: {version}",
+                           hint="give the image's Python: podman run --rm IMAGE python3 --version")
+    minor = int(version.split(".")[1])
+    cp = f"cp3{minor}"
+
+    def fits(tag: str) -> bool:
+        interp, abi, _ = tag.split("-")
+        if abi == "abi3":  # cp3N-abi3: any CPython from 3.N on
+            return interp.startswith("cp3") and interp[3:].isdigit() and int(interp[3:]) <= minor
+        return interp in (cp, "py3", f"py3{minor}") and abi in (cp, "none")
+
+    bad = [(p.name, ", ".join(sorted({t.rsplit("-", 1)[0] for w in p.wheels for t in w.tags})))
+           for p in packages if not any(fits(t) for w in p.wheels for t in w.tags)]
+    if bad:
+        raise UsageProblem(headline=f"the lock pins no wheel that Python {version} can install for "
+                                    f"{', '.join(n for n, _ in bad)}",
+                           details=[("lock", str(lock.path)), *bad],
+                           hint=f"give the image's own Python version, or pin {cp} wheels with `m3fuse lock add`")
 
 
 def _holds(path: Path, sha256: str) -> bool:
@@ -346,10 +426,22 @@ def fetch_only(opts: WheelOptions, dest: Path, echo: Callable[[str], None] = _qu
     cfg = opts.fetch_config(echo)
     lock = load_lock(opts.lock_path, stamps=cfg.lock_stamps())
     tags: tuple[str, ...] | None = None
+    packages = list(lock.packages)
+    if opts.skip_unfit and opts.needs is not None:
+        # On a release whose needs the pin cannot meet, install keeps the environment's own
+        # sound build or refuses: it never installs the pin, so fetching it is wasted.
+        for p in list(packages):
+            unmet = planner.pin_verdict(p, opts.needs, str(lock.path)).unmet
+            if unmet:
+                packages.remove(p)
+                echo(f"skipped {p.name} {p.version}: vLLM {fit.release_name(opts.needs)} cannot run with it "
+                     f"({unmet[0]}); the image must bring its own, which install keeps")
+    if opts.python_version is not None:
+        _refuse_unfit_python(packages, opts.python_version, lock)
     if opts.all_wheels:
-        chosen = [(p, w) for p in lock.packages for w in p.wheels]
+        chosen = [(p, w) for p in packages for w in p.wheels]
     else:
-        steps = [planner.Step(p, None, planner.INSTALL) for p in lock.packages]
+        steps = [planner.Step(p, None, planner.INSTALL) for p in packages]
         planner.choose_wheels(steps, lambda: target_tags(opts.python), lock, opts.python)
         tags = target_tags(opts.python)
         chosen = [(s.package, s.wheel) for s in steps if s.wheel is not None]
