@@ -604,9 +604,7 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
             headline=f"downloading {label} did not finish within its {limit_s:g}-second deadline; the partial "
                      f"file was deleted and nothing was installed",
             details=[("url", url), ("received", f"{have} bytes"), *([("last error", last_error)] if last_error else [])],
-            hint=f"check the network or the server (it may send a byte now and then, never the file); raise the "
-                 f"deadline with --download-deadline SECONDS or {DEADLINE_VAR}, or download the file elsewhere "
-                 f"and pass its folder with --find-links DIR")
+            hint=f"check the network; raise --download-deadline (or {DEADLINE_VAR}), or use --find-links DIR")
 
     h = hashlib.sha256()
     have = 0

@@ -115,8 +115,7 @@ def refuse_installed(dist: str, root: Path, python: str) -> None:
         headline=f"the installed {dist}'s RECORD names files outside {root}; pip would delete them when it "
                  f"replaces {dist}, so pip was not run and nothing was installed",
         details=details,
-        hint=f"check those files and that dist-info folder (someone may have planted the rows); remove the rows "
-             f"or the folder, then run `m3fuse install` again")
+        hint="check those rows (they may be planted); remove them or that dist-info, then `m3fuse install` again")
 
 
 def refuse_wheel(path: Path, dist: str) -> None:
