@@ -246,6 +246,20 @@ def release_reload(fs, st: Stage, reload_mode: str = "layerwise"):
     yield reload, reload_weights, default_loader
 
 
+@contextlib.contextmanager
+def _warnings():
+    """WARNING messages logged while active (root logger)."""
+    got: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: got.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield got
+    finally:
+        root.removeHandler(handler)
+
+
 class NormModel(torch.nn.Module):
     """A model of M3 norms with M3's `load_weights` for a norm weight (see the module doc)."""
 
@@ -307,7 +321,13 @@ def test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place(f
                 assert torch.equal(gamma, gamma_for(new_weight)), f"{engine}: the cached weight + 1 is stale"
                 assert _gamma_ptrs(norm) == before, "the cached gamma was replaced, not rewritten in place"
             calls = len(st.ca.calls)
-            out = run_helper(st, helper, partials, residual, norm)
+            with _warnings() as warned:
+                out = run_helper(st, helper, partials, residual, norm)
+                run_helper(st, helper, partials, residual, norm)
+            # Only a write no hook saw (0.24-0.33's kernel-format path) is found at this eager call,
+            # and said once: graphs replayed in between used the old gamma (README's known limits).
+            stale = [m for m in warned if "written past its weight loader" in m]
+            assert len(stale) == (1 if engine == "kernel-format" else 0), warned
             assert len(st.ca.calls) > calls, "the call after the reload did not take the fused kernel"
             assert _gamma_ptrs(norm) == before
             (gamma,) = norm.__dict__["_m3fuse_gamma"].values()
