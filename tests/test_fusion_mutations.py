@@ -214,6 +214,7 @@ MUTANTS += [
     Mutant("gamma-refreshed-from-a-meta-weight", HELPER,
            "    if not _m3_holds_data(w):\n        # The layerwise", "    if False:\n        # The layerwise",
            ((fr.test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place, ("layerwise",)),
+            (fr.test_layerwise_reload_of_the_whole_patched_model, ()),
             (fr.test_tensors_without_data_never_reach_the_gamma_cache, ()))),
     Mutant("gamma-cached-from-a-trace", HELPER, "    if _m3_is_fake(like) or not _m3_holds_data(weight):\n",
            "    if False:\n",

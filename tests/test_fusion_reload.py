@@ -370,3 +370,65 @@ def test_tensors_without_data_never_reach_the_gamma_cache(fs):
         fresh.weight = torch.nn.Parameter(fresh.weight.detach().to("meta"))  # a model built on meta
         assert helper._m3_gamma(fresh, torch.zeros(8, H, dtype=torch.bfloat16)) is None
         assert not fresh.__dict__.get("_m3fuse_gamma"), "a gamma was cached from a meta weight"
+
+
+class _ModelLoader:
+    """M3's `load_weights` reduced to what it does per parameter of the harness model:
+    `getattr(param, "weight_loader", default_weight_loader)(param, w)` (amd/model.py)."""
+
+    def __init__(self, model: torch.nn.Module, default_loader) -> None:
+        self.model, self.default_loader = model, default_loader
+
+    def __call__(self, weights):
+        params = dict(self.model.named_parameters())
+        for name, w in weights:
+            getattr(params[name], "weight_loader", self.default_loader)(params[name], w)
+        return {name for name, _ in weights}
+
+
+@pytest.mark.parametrize("fs", rows_where(lambda r: True), ids=lambda r: r.name)
+def test_layerwise_reload_of_the_whole_patched_model(fs):
+    """The patched MiniMaxM3Model on the harness (every norm the real patched class, deferral on,
+    fused), reloaded by the release's own layerwise engine with new weights for every parameter:
+    every parameter keeps its address, every norm's cached `weight + 1` is the new one at the same
+    address, and the next forward equals a model built with those weights and never reloaded."""
+    import test_fusion_matrix as tm
+
+    from fusion_harness import ToyConfig, build_model, load_model, run_forward
+
+    config = ToyConfig()
+    embeds = tm._embeds(config.hidden_size)
+    with Stage(fs, SimTP(2), mode="fused") as st:
+        with release_reload(fs, st) as (reload, _, default_loader):
+            world = load_model(fs, st)
+            world.classes["default_weight_loader"] = default_loader
+            if hasattr(world.helper, "m3_refresh_gamma"):
+                world.classes["m3_refresh_gamma"] = world.helper.m3_refresh_gamma
+
+            def rank(r):
+                model = build_model(world, config)
+                fresh = build_model(world, config)
+                new = {n: (0.5 * p.detach().float() + 0.05).to(p.dtype) for n, p in model.named_parameters()}
+                with torch.no_grad():
+                    for n, p in fresh.named_parameters():
+                        p.copy_(new[n])
+                reload.record_metadata_for_reloading(model)
+                run_forward(world, model, embeds, fs)  # fills every norm's gamma cache
+                run_forward(world, fresh, embeds, fs)
+                ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+                norms = [m for m in model.modules() if type(m).__name__ == "MiniMAXGemmaRMSNorm"]
+                gammas = [_gamma_ptrs(m) for m in norms]
+                reload.initialize_layerwise_reload(model)
+                _ModelLoader(model, default_loader)(list(new.items()))
+                reload.finalize_layerwise_reload(model, types.SimpleNamespace(dtype=torch.bfloat16))
+                assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+                assert [_gamma_ptrs(m) for m in norms] == gammas
+                assert sum(1 for g in gammas if g) == len(norms) - 1  # all but layer 0's input norm
+                for m in norms:
+                    for g in m.__dict__.get("_m3fuse_gamma", {}).values():
+                        assert torch.equal(g, (m.weight.float() + 1.0).to(g.dtype))
+                return run_forward(world, model, embeds, fs), run_forward(world, fresh, embeds, fs)
+
+            outs = st.tp.run(rank)
+    for got, want in outs:
+        assert torch.equal(got, want)
