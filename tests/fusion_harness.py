@@ -252,6 +252,8 @@ class Stage:
     specialized_decode_config: Any = None  # 0.33.0: specialized_decode_config(vllm_config)
     fuse_shared_experts: bool = False  # VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS
     mono: bool = False  # VLLM_ROCM_MINIMAX_M3_MONO=1 (rows with mono_decode)
+    kv_cache_dtype: str = "fp8"  # cache_config.cache_dtype (mono decode needs fp8)
+    hidden: int = 64  # model_config.hf_text_config.hidden_size (ToyConfig.hidden_size, the tests' H)
     mxfp8: bool = False  # gfx950 + MXFP8 checkpoint: the layers take the MXFP8 norm branches
     mxfp8_calls: list = field(default_factory=list)  # (rank 0) which MXFP8 norm ran, with a partial?
     moe_kernel_reduces: bool = False  # the MoE kernel's output_is_reduced()
@@ -290,8 +292,13 @@ class Stage:
             pass_config.enable_sp = self.enable_sp
         elif self.enable_sp:
             raise AssertionError(f"{self.fs.name}: PassConfig has no enable_sp in this release")
-        cc = types.SimpleNamespace(pass_config=pass_config)
-        return types.SimpleNamespace(parallel_config=pc, compilation_config=cc)
+        cc = types.SimpleNamespace(pass_config=pass_config, cudagraph_mode=None)
+        hf = types.SimpleNamespace(hidden_size=self.hidden)
+        mc = types.SimpleNamespace(dtype=torch.bfloat16, hf_config=hf, hf_text_config=hf, max_model_len=4096)
+        cache = types.SimpleNamespace(cache_dtype=self.kv_cache_dtype, block_size=128)
+        attn = types.SimpleNamespace(resolve_indexer_kv_dtype=lambda default: "fp8")
+        return types.SimpleNamespace(parallel_config=pc, compilation_config=cc, model_config=mc,
+                                     cache_config=cache, attention_config=attn)
 
     def all_reduce(self, x: torch.Tensor, label: str = "comm-op") -> torch.Tensor:
         if self.tp.rank == 0:
@@ -483,6 +490,11 @@ def dequant(x):
 
 class FakeFFN(torch.nn.Module):
     """Dense MLP / MoE stand-in honouring reduce_results like RowParallelLinear / the MoE runner."""
+
+    # 0.34's mono decode check reads these (mono/dispatch.py _separate_shared_ok): no shared
+    # expert in the stand-in
+    is_fused_shared_expert_enabled = False
+    shared_experts = None
 
     def __init__(self, config, layer_id, reduce_results: bool, *, tp: SimTP, stage: Stage) -> None:
         super().__init__()
@@ -756,7 +768,7 @@ def _release_standins(fs: FusionSet, stage: Stage, helper: types.ModuleType) -> 
     if fs.mxfp8_norms:
         _install_module(_mxfp8_ops_module(stage))
     if fs.mono_decode:
-        _install_module(_mono_dispatch_module())
+        _install_module(_mono_dispatch_module(fs))
     return out
 
 
@@ -773,20 +785,39 @@ def _install_module(m: types.ModuleType) -> None:
     sys.modules[m.__name__] = m
 
 
-def _mono_dispatch_module() -> types.ModuleType:
-    """0.34+'s `amd/mono/dispatch.py`: `MonoDecode` is built when VLLM_ROCM_MINIMAX_M3_MONO=1; its
-    kernels need 256 CUs at TP4, so here it never takes a step (`supports` is False) and the
+MONO_DIR = "vllm/models/minimax_m3/amd/mono/"
+
+
+def _mono_dispatch_module(fs: FusionSet) -> types.ModuleType:
+    """0.34+'s `amd/mono/dispatch.py` as far as construction goes: the release's own
+    `_config_refusal` (and its layer checks, `dense_prefix` from runner.py, the constants and
+    `MonoUnsupported` of config.py) and `MonoDecode.__init__`, which decide whether mono decode
+    runs. Stand-in: `supports` is False (the kernels need 256 CUs, FlyDSL and a GPU), so the
     tests look at what the model built around it."""
     m = types.ModuleType("vllm.models.minimax_m3.amd.mono.dispatch")
+    config = types.ModuleType("vllm.models.minimax_m3.amd.mono.config")
+    _install_module(config)  # before it runs: its dataclasses look their module up
+    exec(compile(release_bytes(fs.version, MONO_DIR + "config.py").decode(), f"<{fs.version}>/{MONO_DIR}config.py",
+                 "exec"), config.__dict__)
+    runner = ast.parse(release_bytes(fs.version, MONO_DIR + "runner.py").decode())
+    tree = ast.parse(release_bytes(fs.version, MONO_DIR + "dispatch.py").decode())
+    g = dict(config.__dict__)
+    g.update(torch=torch, envs=types.SimpleNamespace(MONO_ENABLE=True), cast=lambda t, v: v, Any=Any,
+             logger=types.SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None))
+    compile_nodes([top_level(runner, "dense_prefix")], g, f"<{fs.version}>/{MONO_DIR}runner.py")
+    compile_nodes([top_level(tree, n) for n in ("_dense_prefix_ok", "_separate_shared_ok", "_config_refusal")],
+                  g, f"<{fs.version}>/{MONO_DIR}dispatch.py")
+    init = method_node(tree, "MonoDecode", "__init__")
+    ns = compile_nodes([init], dict(g), f"<{fs.version}>/{MONO_DIR}dispatch.py")
 
     class MonoDecode:
-        def __init__(self, model, vllm_config) -> None:
-            self.model = model
+        __init__ = ns["__init__"]
 
         def supports(self, *args) -> bool:
             return False
 
     m.MonoDecode = MonoDecode
+    m._config_refusal = g["_config_refusal"]
     return m
 
 
@@ -874,7 +905,7 @@ def load_model(fs: FusionSet, stage: Stage, model_source: str | None = None, *,
     if real_ffn:
         _ffn_globals(fs, stage, g)
         names += [n for n in ("_M3DeferredReduceMoERunner",) if _has(tree, n)] + list(FFN_CLASSES)
-    names += ["MiniMaxM3DecoderLayer", "MiniMaxM3Model"]
+    names += [n for n in ("_m3_mono_status",) if _has(tree, n)] + ["MiniMaxM3DecoderLayer", "MiniMaxM3Model"]
     compile_nodes([top_level(tree, n) for n in names], g, f"<{fs.name}>/{realvllm.MODEL}",
                   cache_key=(hashlib.sha256(src.encode()).hexdigest(), tuple(names)))
     return ModelWorld(classes=g, helper=helper, stage=stage, fs=fs)
@@ -889,11 +920,12 @@ def _has(tree: ast.Module, name: str) -> bool:
 
 
 def build_vllm_config(stage: Stage, config: ToyConfig) -> types.SimpleNamespace:
+    base = vars(stage.vllm_config())
+    mc = base.pop("model_config")
+    mc.hf_text_config = mc.hf_config = config
     return types.SimpleNamespace(
-        model_config=types.SimpleNamespace(hf_text_config=config),
-        cache_config=None, quant_config=None, use_v2_model_runner=False,
-        scheduler_config=types.SimpleNamespace(max_num_batched_tokens=64),
-        **vars(stage.vllm_config()))
+        model_config=mc, quant_config=None, use_v2_model_runner=False,
+        scheduler_config=types.SimpleNamespace(max_num_batched_tokens=64), **base)
 
 
 def build_model(world: ModelWorld, config: ToyConfig, dtype=torch.bfloat16) -> torch.nn.Module:

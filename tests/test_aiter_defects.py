@@ -65,9 +65,17 @@ def test_affected_ranges_with_local_and_dev_versions(version, expect):
     assert ids(affecting(version)) == expect
 
 
-def test_the_all_gather_barrier_row_bites_only_from_vllm_0_34():
-    # vLLM 0.34.0 routes TP all-gathers to AITER's all_gather_unreg; earlier releases never call it.
-    assert "ROCm/aiter#4082" not in ids(affecting(PIN, "0.33.0"))
+def test_the_all_gather_barrier_row_bites_from_vllm_0_30():
+    # vLLM 0.30.0 sends DP-group all-gathers/reduce-scatters to AITER's custom collectives (issue
+    # 23; read off the wheels), 0.34.0 also TP all-gathers (all_gather_unreg); 0.29.0 neither.
+    import realvllm
+
+    comm = "vllm/distributed/device_communicators/cuda_communicator.py"
+    for version, routed in (("0.29.0", False), ("0.30.0", True)):
+        text = realvllm.read_member(version, comm).decode()
+        assert ("aiter_comm.custom_all_gather(" in text and "aiter_comm.custom_reduce_scatter(" in text) is routed
+    assert "ROCm/aiter#4082" not in ids(affecting(PIN, "0.29.0"))
+    assert "ROCm/aiter#4082" in ids(affecting(PIN, "0.30.0"))
     assert "ROCm/aiter#4082" in ids(affecting(PIN, "0.34.0"))
     assert "ROCm/aiter#4082" not in ids(affecting("0.1.19.post1", "0.34.0"))
     assert "ROCm/aiter#4082" in ids(affecting("0.1.19+rocm7.1", "0.34.0"))

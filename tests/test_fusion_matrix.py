@@ -979,12 +979,15 @@ def test_mono_decode_turns_deferral_off(fs):
             root.removeHandler(handler)
             root.setLevel(old_level)
         provenance = [ln for ln in lines if ln.startswith(f"m3fuse set {fs.name}: ")]
-        assert len(provenance) == 2 and all("; deferral off (mono decode); " in ln for ln in provenance), lines
+        why = "mono decode requested (refused: TP 2 != 4)"  # MonoDecode's own reason, after it decided
+        assert len(provenance) == 2 and all(f"; deferral off ({why}); " in ln for ln in provenance), lines
+        assert all("; mono decode refused: TP 2 != 4; " in ln for ln in provenance), lines
         for r in range(2):
             hidden, _, deferred = got[r]
             assert deferred is False, mode
             assert rel_err(hidden, base[r][0]) < MODEL_TOL
-        assert record["deferral"] is False and record["deferral_reason"] == "mono decode", record
+        assert record["deferral"] is False and record["deferral_reason"] == why, record
+        assert record["mono_decode"] == "refused: TP 2 != 4", record
         if mode == "control":  # every FFN reduces itself: one all-reduce per FFN and attention
             assert st.fallback_all_reduces == 2 * ToyConfig().num_hidden_layers
     _, _, record = _run_recorded(fs, 2, "control")
@@ -1011,10 +1014,12 @@ def test_mxfp8_norms_never_take_a_partial(fs, mode):
     if mode == "fused":
         assert st.mxfp8_calls.count("post") == 0
         assert len(st.ca.calls) == (n + (n - 1) + 1) * 2  # post, input (layers 1..), final norm
-        assert record["mxfp8_post_norm"] == "fused" and record["aiter_fused_ready"] is True
+        assert record["boundaries"]["mxfp8_post_norm"] == {
+            "1-512": "aiter-2stage", "513+": "all-reduce+mxfp8-norm"} and record["aiter_fused_ready"] is True
     else:  # plain all-reduce + (MXFP8) norm: no fused kernel call
         assert st.ca is None or not st.ca.calls
-        assert record["mxfp8_post_norm"].startswith("unfused")
+        assert st.mxfp8_calls.count("post") == n
+        assert record["boundaries"]["mxfp8_post_norm"] == {"1+": "all-reduce+mxfp8-norm"}
 
 
 @rows(lambda r: r.aiter_all_gather)

@@ -17,6 +17,9 @@ import pytest
 
 import realvllm
 import test_fixes_runtime as fx
+import test_fusion_capture as fc
+import test_fusion_records as fre
+import test_fusion_reload as fr
 import test_fusion_matrix as tm
 import test_reader_values as rv
 from fusion_harness import committed_patched_text, override_source
@@ -93,7 +96,7 @@ MUTANTS: list[Mutant] = [
     Mutant("input-norm-never-fused", MODEL, "fuse_input_allreduce=partial", "fuse_input_allreduce=False",
            ((tm.test_patched_forward_matches_pristine_and_float64, (2, NO_AUX)),)),
     Mutant("gamma-first-computed-in-capture", HELPER,
-           "        if torch.cuda.is_current_stream_capturing():\n            return None\n", "",
+           "    if torch.cuda.is_current_stream_capturing():\n        return None\n    if _m3_is_fake", "    if _m3_is_fake",
            ((tm.test_gamma_is_never_first_computed_inside_a_capture, ()),)),
     Mutant("routed-experts-keep-reducing", MODEL,
            "            reduce_results=reduce_results,\n            prefix=f\"{prefix}.experts\",",
@@ -106,7 +109,7 @@ MUTANTS: list[Mutant] = [
            "else states)\n\n\nclass MiniMaxM3MoE",
            ((tm.test_shared_expert_output_is_reduced_exactly_once, ("control", 2, {})),),
            applies=lambda r: r.moe_defer_knob == "runner_cls"),
-    Mutant("control-takes-upstream-one-stage-branch", HELPER, '    if m3_mode != "off":\n', "    if False:\n",
+    Mutant("control-takes-upstream-one-stage-branch", HELPER, '\n    if m3_mode != "off":\n', "\n    if False:\n",
            ((tm.test_helper_modes_match_float64_reference, (2, "control")),),
            applies=lambda r: r.upstream_aiter_branch),
     Mutant("registered-ignores-enable-register-for-capturing", HELPER,
@@ -147,6 +150,8 @@ MUTANTS: list[Mutant] = [
 
 # Issue 18: the three defects' fixes, the run-time checks, the provenance and the Ray code.
 GAMMA_COPY = "        gamma.copy_((src + 1.0).to(gamma.dtype))\n"
+STAMP_CHECK = ("    if gamma is not None and state.get(_M3_GAMMA_STAMP) == (\n        weight.data_ptr(),\n"
+               "        weight._version,\n    ):\n")
 UPSTREAM = lambda r: r.upstream_aiter_branch  # noqa: E731
 MUTANTS += [
     Mutant("stale-gamma-never-refreshed", HELPER, GAMMA_COPY, "        src = src\n",
@@ -160,10 +165,10 @@ MUTANTS += [
            "        # weight loader, so the cached weight + 1 is refreshed here too.\n        pass\n",
            ((fx.test_a_kernel_format_reload_refreshes_gamma_before_any_eager_call, ()),),
            applies=lambda r: r.reload_hooks),
-    Mutant("stale-gamma-version-stamp-ignored", HELPER,
-           "    fresh = norm.__dict__.get(_M3_GAMMA_STAMP) == _m3_weight_stamp(norm.weight)\n",
-           "    fresh = _M3_GAMMA_STAMP in norm.__dict__\n",
-           ((fx.test_gamma_follows_a_weight_update_in_place, ("param.copy_",)),)),
+    Mutant("stale-gamma-version-stamp-ignored", HELPER, STAMP_CHECK, "    if gamma is not None:\n",
+           ((fx.test_gamma_follows_a_weight_update_in_place, ("param.copy_",)),
+            (fr.test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place, ("kernel-format",))),
+           applies=lambda r: not r.reload_hooks),
     Mutant("gamma-replaced-not-rewritten", HELPER, GAMMA_COPY,
            "        norm.__dict__[_M3_GAMMA_ATTR][(gamma.device, gamma.dtype)] = (src + 1.0).to(gamma.dtype)\n",
            ((fx.test_gamma_follows_a_weight_update_in_place, ("load_weights",)),)),
@@ -212,6 +217,60 @@ MUTANTS += [
            ((fx.test_one_line_per_rank_per_process, ()),)),
     Mutant("kwargs-op-lacks-gemma-norm", HELPER, ' or p.kind is p.VAR_KEYWORD', '',
            ((fx.test_an_op_taking_kwargs_has_gemma_norm, (fx.KwargsAiterCA, False)),)),
+]
+
+
+# Issue 23: the reloads vLLM's own code drives, vLLM's own capture context, and what the run
+# record says ran (per boundary kind and batch bucket, MXFP8 and mono provenance).
+MXFP8 = lambda r: r.mxfp8_norms  # noqa: E731
+MUTANTS += [
+    Mutant("gamma-refreshed-from-a-meta-weight", HELPER,
+           "    if not _m3_holds_data(w):\n        # The layerwise", "    if False:\n        # The layerwise",
+           ((fr.test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place, ("layerwise",)),
+            (fr.test_layerwise_reload_of_the_whole_patched_model, ()),
+            (fr.test_tensors_without_data_never_reach_the_gamma_cache, ()))),
+    Mutant("gamma-cached-from-a-trace", HELPER, "    if _m3_is_fake(like) or not _m3_holds_data(weight):\n",
+           "    if False:\n",
+           ((fr.test_tensors_without_data_never_reach_the_gamma_cache, ()),)),
+    Mutant("stale-gamma-never-warned", HELPER, "            _m3_warn_stale_gamma()\n", "            pass\n",
+           ((fr.test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place, ("kernel-format",)),),
+           applies=lambda r: not r.reload_hooks),
+    Mutant("reload-hook-does-not-refresh-under-vllms-reload", MODEL,
+           "        # weight loader, so the cached weight + 1 is refreshed here too.\n        m3_refresh_gamma(self)\n",
+           "        # weight loader, so the cached weight + 1 is refreshed here too.\n        pass\n",
+           ((fr.test_every_reload_engine_of_the_release_refreshes_the_fused_gamma_in_place, ("kernel-format+hooks",)),),
+           applies=lambda r: r.reload_hooks),
+    Mutant("registered-outside-vllms-capture-context", HELPER, '        and getattr(ca, "_IS_CAPTURING", False)\n', "",
+           ((fc.test_registered_follows_vllms_own_graph_capture_context, ()),)),
+    Mutant("record-off-hides-vllms-one-stage-op", HELPER,
+           "    if not _m3_vllm_passes_gemma_norm() or hidden is None:\n", "    if True:\n",
+           ((fre.test_off_with_the_custom_all_reduce_on_runs_vllms_one_stage_op_at_small_batches, ()),
+            (fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("off", True, False, 8))),
+           applies=UPSTREAM),
+    Mutant("record-fused-claims-every-batch", HELPER,
+           "            (M3_AITER_MAX_TOKENS, M3_RUNS_AITER_2STAGE),\n", "            (None, M3_RUNS_AITER_2STAGE),\n",
+           ((fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused", True, False, 600)),)),
+    Mutant("mxfp8-handed-to-fused-above-512", HELPER,
+           '            if m3_mode == "fused" and _m3_fused_gamma(\n                hidden_states, residual, norm\n'
+           '            ) is not None:\n',
+           '            if m3_mode == "fused":\n',
+           ((fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused", True, True, 600)),),
+           applies=MXFP8),
+    Mutant("record-mxfp8-boundary-count-as-plain-norm", HELPER, "    return {k: plain.get(v, v) for k, v in runs.items()}\n",
+           "    return runs\n",
+           ((fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("control", True, True, 8)),
+            (tm.test_mxfp8_norms_never_take_a_partial, ("control",))),
+           applies=MXFP8),
+    Mutant("control-mxfp8-step-drops-the-quant-epilogue", HELPER,
+           '            if m3_mode == "fused" and _m3_fused_gamma(\n',
+           '            if m3_mode != "off" or _m3_fused_gamma(\n',
+           ((tm.test_mxfp8_norms_never_take_a_partial, ("control",)),
+            (fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("control", True, True, 8))),
+           applies=MXFP8),
+    Mutant("mono-refused-recorded-as-on", MODEL, '    if getattr(mono, "_enabled", False):\n', "    if True:\n",
+           ((fre.test_mono_requested_but_refused_says_why_after_vllm_decided, (2, "TP 2 != 4")),
+            (tm.test_mono_decode_turns_deferral_off, ())),
+           applies=lambda r: r.mono_decode),
 ]
 
 

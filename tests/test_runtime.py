@@ -38,6 +38,7 @@ import torch
 import fusion_harness as fh
 import realvllm
 from conftest import run_cli
+from m3fuse.runtime.env import OFF_ONE_STAGE_NOTE
 from fusion_matrix import ROWS, Row, rows_where
 from fusion_standins import (
     FakeAiterCA,
@@ -559,6 +560,20 @@ def expected(mode: str | None, tp: int, pp: int, dp: int) -> tuple[bool, str, st
     return defer, why, path
 
 
+def expected_boundaries(fs: Row, mode: str | None, tp: int) -> str:
+    """What this world runs at M3's norm boundaries, by batch bucket (issue 23): the fused path
+    up to 512 tokens; in `off` on 0.30+ (AITER custom all-reduce on, an AITER with gemma_norm)
+    vLLM's one-stage op where the wrapper's rule admits the call (tokens <= 80 at hidden 64,
+    far under its byte caps); the all-reduce + norm elsewhere."""
+    if tp == 1:
+        return "1+ norm"
+    if mode in ("fused", None):
+        return "1-512 aiter-2stage, 513+ all-reduce+norm"
+    if mode == "off" and fs.upstream_aiter_branch:
+        return "1-80 vllm-aiter-1stage, 81+ all-reduce+norm"
+    return "1+ all-reduce+norm"
+
+
 @pytest.mark.parametrize("topo", list(TOPOLOGIES))
 @pytest.mark.parametrize("mode", ["fused", "control", "off", None], ids=["fused", "control", "off", "unset"])
 @all_rows
@@ -574,7 +589,9 @@ def test_log_line_and_record_name_what_runs(aiter, monkeypatch, caplog, tmp_path
     lines = m3_lines(caplog)
     assert len(lines) == s.tp  # one per rank-process
     want = (f"m3fuse set {fs.name}: mode {mode or 'fused'}{'' if mode else ' (default)'}; "
-            f"deferral {'on' if defer else 'off'} ({why}); AITER fused path {path}; AITER {FIXED}")
+            f"deferral {'on' if defer else 'off'} ({why}); AITER fused path {path}; "
+            f"norm boundaries: {expected_boundaries(fs, mode, s.tp)}"
+            f"{'; mono decode not requested' if fs.mono_decode else ''}; AITER {FIXED}")
     assert lines == [want] * s.tp
     assert not m3_lines(caplog, logging.WARNING)  # a fixed AITER: no defect warning
     got = json.loads(record.read_text())
@@ -929,6 +946,8 @@ def test_env_turns_custom_ar_off_exactly_where_the_patch_refuses_off(patched_rel
             assert "M3_AITER_AR_RMS_MODE=off runs vLLM's unpatched helper" in str(exc)
             refused = True
         assert (out["env"][CUSTOM_AR] == "0") is refused, version
+        # where off keeps AITER's custom all-reduce, env says what runs then (issue 23)
+        assert (OFF_ONE_STAGE_NOTE in out["notes"]) is (not refused), (version, out["notes"])
         construct(fs, s, monkeypatch)
         decided[version] = refused
     assert decided == {PINNED: True, "0.1.17": True, "0.1.18": True, "0.1.19.post1": False}

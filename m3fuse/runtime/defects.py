@@ -70,11 +70,14 @@ DEFECTS: tuple[Defect, ...] = (
         introduced=None,
         fixed="0.1.19.post1",
         consequence=(
-            "vLLM 0.34.0+ routes TP all-gathers (the logits, every step) to AITER's all_gather_unreg on "
-            "CDNA3/4, in every M3_AITER_AR_RMS_MODE (fused and control alike): a fast rank can reuse the "
-            "buffer a peer still reads, so outputs can be silently wrong (ROCm/aiter#4855 at TP8 on MI300X "
-            "was closed as fixed by #4346 + #4082)"),
-        vllm_from="0.34.0",
+            "vLLM 0.30.0+ sends data-parallel all-gathers and reduce-scatters (DP 2/4/8 with the AITER "
+            "custom all-reduce on, FULL graphs, uniform batches: cuda_communicator.py "
+            "_can_use_aiter_ag_rs) to AITER's custom_all_gather/custom_reduce_scatter, and 0.34.0+ also "
+            "routes TP all-gathers (the logits, every step) to its all_gather_unreg on CDNA3/4, in every "
+            "M3_AITER_AR_RMS_MODE (fused and control alike): a fast rank can reuse the buffer a peer "
+            "still reads, so outputs can be silently wrong (ROCm/aiter#4855 at TP8 on MI300X was closed "
+            "as fixed by #4346 + #4082)"),
+        vllm_from="0.30.0",
     ),
     Defect(
         id="ROCm/aiter#4888",

@@ -157,6 +157,17 @@ _FIXES = {aiter_defects.NO_GEMMA_NORM: "ROCm/aiter#3792 (gemma_norm in custom_fu
 PASS_OFF_FLAG = """--compilation-config '{"pass_config": {"fuse_allreduce_rms": false}}'"""
 
 
+# What `off` runs where AITER's custom all-reduce stays on and the release's helper has vLLM's
+# own one-stage branch (0.30+ with an AITER that has gemma_norm and ROCm/aiter#4346): not
+# "unfused" (the patched model's run record and log line name the buckets).
+OFF_ONE_STAGE_NOTE = (
+    f"off: {CUSTOM_AR_VAR}=1 here, so vLLM's own one-stage fused AITER all-reduce + RMSNorm runs "
+    "M3's post-attention norms (MXFP8 ones included) at the batches vLLM's rule admits (hidden "
+    "6144 bf16: TP8 up to 10 tokens, TP4 up to 21, TP2 up to 80), the all-reduce + norm above; "
+    f"for an arm with no fused kernel at all set {CUSTOM_AR_VAR}=0 (vLLM's own custom all-reduce "
+    "then runs).")
+
+
 def _off_needs_custom_ar_off(root: Path, aiter_version: str | None, notes: list[str]) -> bool:
     """`off` runs the unpatched helper. On 0.30.0+ its one-stage branch passes gemma_norm=True,
     which an AITER before v0.1.17 does not take (a TypeError at graph capture), and runs the fused
@@ -223,6 +234,8 @@ def arm_env(arm: str, tree: engine.TreeState, environ: Mapping[str, str] = os.en
                              f"default.")
     if arm == OFF and CUSTOM_AR_VAR in out.env and _off_needs_custom_ar_off(root, out.aiter_version, out.notes):
         out.env[CUSTOM_AR_VAR] = "0"
+    if arm == OFF and out.env.get(CUSTOM_AR_VAR) == "1" and has_one_stage_branch(root):
+        out.notes.append(OFF_ONE_STAGE_NOTE)
     if "ROCm/aiter#4346" in {d.id for d in aiter_defects.affecting(out.aiter_version)} and \
             out.env.get(CUSTOM_AR_VAR) != "0":
         out.notes.append(f"with a torch.compiled draft model (e.g. EAGLE3) this AITER (no ROCm/aiter#4346) "
