@@ -81,20 +81,13 @@ def owned_fd(path: Path, *parts: str, create: bool = True, parent_only: bool = F
     here = Path("/")
     try:
         problem = _ancestor_problem(os.fstat(fd), here)
-        for name in (*real.parts[1:], *missing):
-            if problem:
-                raise safeio.Unsafe(here, problem)
-            here = here / name
-            nxt = _open_below(fd, name, here, create)
-            os.close(fd)
-            fd = nxt  # type: ignore[assignment]
-            if fd is None:
-                yield None
-                return
-            problem = _ancestor_problem(os.fstat(fd), here)
         if problem:
             raise safeio.Unsafe(here, problem)
-        for name in (path.name, *parts):
+        # The real ancestors and the missing ones are held to the ancestors' rule; the folder
+        # itself and what lies below it to the owner's rule (unless parent_only).
+        steps = [(name, False) for name in (*real.parts[1:], *missing)]
+        steps += [(name, not parent_only) for name in (path.name, *parts)]
+        for name, own in steps:
             here = here / name
             nxt = _open_below(fd, name, here, create)
             os.close(fd)
@@ -102,7 +95,8 @@ def owned_fd(path: Path, *parts: str, create: bool = True, parent_only: bool = F
             if fd is None:
                 yield None
                 return
-            problem = _ancestor_problem(os.fstat(fd), here) if parent_only else _own_problem(os.fstat(fd))
+            st = os.fstat(fd)
+            problem = _own_problem(st) if own else _ancestor_problem(st, here)
             if problem:
                 raise safeio.Unsafe(here, problem)
         yield fd

@@ -43,6 +43,17 @@ def own_folder(folder: Path, what: str, *, create: bool = True, parent_only: boo
                                   f"as pip demands of its cache") from None
 
 
+def _folder_problem(st: os.stat_result, what: str) -> str | None:
+    """Why a folder m3fuse is about to use is not one of this user's own, or None."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"is {safeio.kind_of(st.st_mode)}, not {what}"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if safeio.others_can_write(st):
+        return f"is writable by other users (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
 def check_workdir(workdir: Path) -> None:
     """A work folder to resume: a real directory (no symlink) of this user, no one else may write."""
     try:
@@ -50,13 +61,7 @@ def check_workdir(workdir: Path) -> None:
     except FileNotFoundError:
         raise UsageProblem(f"{workdir}: no such work folder; --resume takes a folder written by "
                            f"`m3fuse port`.") from None
-    reason = None
-    if not stat.S_ISDIR(st.st_mode):
-        reason = f"is {safeio.kind_of(st.st_mode)}, not a work folder m3fuse made"
-    elif st.st_uid != os.geteuid():
-        reason = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-    elif safeio.others_can_write(st):
-        reason = f"is writable by other users (mode {stat.filemode(st.st_mode)})"
+    reason = _folder_problem(st, "a work folder m3fuse made")
     if reason:
         raise safeio.refusal(safeio.Unsafe(workdir, reason), nothing="nothing was read or written",
                              hint="resume only a work folder `m3fuse port` wrote for you; start again with "
@@ -178,13 +183,7 @@ def check_set_folder(folder: Path) -> None:
     except OSError as exc:
         raise safeio.refusal(safeio.Unsafe(folder, f"cannot be examined ({exc.strerror})"),
                              nothing="nothing was written", hint="restore the set folder from git") from None
-    reason = None
-    if not stat.S_ISDIR(st.st_mode):
-        reason = f"is {safeio.kind_of(st.st_mode)}, not a set folder m3fuse writes into"
-    elif st.st_uid != os.geteuid():
-        reason = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-    elif safeio.others_can_write(st):
-        reason = f"is writable by other users (mode {stat.filemode(st.st_mode)})"
+    reason = _folder_problem(st, "a set folder m3fuse writes into")
     if reason:
         raise safeio.refusal(safeio.Unsafe(folder, reason), nothing="nothing was written",
                              hint="a refresh replaces only real set folders of yours; put the set itself there "
