@@ -262,3 +262,45 @@ def test_port_with_bases_ports_cleanly_with_the_chosen_base(tmp_path, source):
 def test_generation_markers_name_vllms_own_fused_branch():
     assert basechoice.GENERATION_MARKERS == {
         "_can_use_aiter_fused_ar_rms": "vLLM's own one-stage AITER fused all-reduce + RMSNorm branch"}
+
+
+def _wheel(d: Path, version: str, files: dict[str, bytes]) -> None:
+    """A release wheel as --wheels DIR holds it (only the members a set's pins name)."""
+    import zipfile
+
+    d.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(d / f"vllm-{version}-py3-none-any.whl", "w") as zf:
+        for rel, data in files.items():
+            zf.writestr(rel, data)
+
+
+def test_with_from_given_every_named_sets_base_files_come_from_the_wheels(tmp_path):
+    """--from SET --from FILE=SET: both sets' pristine files are read out of --wheels into the
+    cache before port looks there (no download: these releases exist nowhere else)."""
+    other = PRISTINE.replace(b"a = 0", b"a = 1")
+    s = write_set(tmp_path / "sets", "s", ["0.1.998"], {F1: PRISTINE.replace(b"z = 3", b"z = 4"),
+                                                         F2: PRISTINE.replace(b"z = 3", b"z = 5")})
+    t = write_set(tmp_path / "sets", "t", ["0.1.999"], {F2: other.replace(b"z = 3", b"z = 6")}, pristine={F2: other})
+    _wheel(tmp_path / "wheels", "0.1.998", {F1: PRISTINE, F2: PRISTINE})
+    _wheel(tmp_path / "wheels", "0.1.999", {F2: other})
+    source = BaseSource(wheel_dirs=[tmp_path / "wheels"], cache=tmp_path / "cache")
+    (tmp_path / "out").mkdir()
+    tree = {F1: PRISTINE.replace(b"x = 1", b"x = 2"), F2: PRISTINE.replace(b"x = 1", b"x = 2")}
+    req = PortRequest(vllm=_vllm(tmp_path, tree, "0.30.0"), sets=[s, t], base="s", overrides=[f"{F2}=t"],
+                      versions=[], cache=tmp_path / "cache", name="n", out=tmp_path / "out", workdir=tmp_path / "w")
+    result, choice = port_with_bases(req, source, lambda _: None)
+    assert choice is None
+    made = {x.path: x.ported_from for x in load_patchset(tmp_path / "out" / "n").targets}
+    assert made == {F1: "s", F2: "t"}
+
+
+def test_the_first_of_several_versions_is_the_target(tmp_path, source):
+    base_tree(tmp_path, {F1: PRISTINE})
+    patched = PRISTINE.replace(b"z = 3", b"z = 4")
+    lo = write_set(tmp_path / "sets", "lo", ["0.25.0"], {F1: patched})
+    hi = write_set(tmp_path / "sets", "hi", ["0.35.0"], {F1: patched})
+    (tmp_path / "out").mkdir()
+    req = PortRequest(vllm=_vllm(tmp_path, {F1: PRISTINE.replace(b"x = 1", b"x = 2")}, None), sets=[hi, lo],
+                      base="", overrides=[], versions=["0.30.0", "0.40.0"], cache=tmp_path / "cache",
+                      base_roots=[tmp_path / "base"], name="n", out=tmp_path / "out", workdir=tmp_path / "w")
+    assert port_with_bases(req, source, lambda _: None)[1].primary == "lo"

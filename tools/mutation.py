@@ -40,8 +40,12 @@ OUT = REPO / "build" / "mutation"
 # module -> the tests that cover it (pytest node ids or files). Keep each one tight: every
 # mutant runs it until the first failure, on a 2-core machine shared with other work.
 SELECTIONS: dict[str, list[str]] = {
-    "m3fuse/patching/basechoice.py": ["tests/test_mut_basechoice.py"],
-    "m3fuse/patching/patchset.py": ["tests/test_mut_patchset.py", "tests/test_hostile.py"],
+    "m3fuse/patching/basechoice.py": [
+        "tests/test_mut_basechoice.py",
+        "tests/test_lineage.py::test_without_from_each_file_takes_the_base_with_fewest_conflicts",
+        "tests/test_lineage.py::test_a_tie_goes_to_the_nearest_release_at_or_below",
+        "tests/test_lineage.py::test_an_older_helper_generation_is_warned_about"],
+    "m3fuse/patching/patchset.py": ["tests/test_mut_patchset.py"],
     "m3fuse/patching/engine.py": ["tests/test_mut_engine.py", "tests/test_engine.py"],
     "m3fuse/patching/lineage.py": ["tests/test_mut_lineage.py"],
     "m3fuse/wheels/lock.py": ["tests/test_mut_lock.py", "tests/test_lock.py"],
