@@ -366,3 +366,36 @@ def test_resolve_inside_reports_a_loop_as_a_changing_path(tmp_path):
 
 def test_module_constants():
     assert patchset.MANIFEST == "manifest.toml" and patchset.FORMAT == 1
+
+
+def test_resolve_inside_reports_a_link_removed_while_it_was_followed(tmp_path, monkeypatch):
+    """The link is removed at the instant realpath reads it (what a process renaming folders in
+    the tree does): the error names the path and the cause, never a traceback."""
+    root = tmp_path / "root"
+    (root / "vllm" / "real").mkdir(parents=True)
+    link = root / "vllm" / "a"
+    link.symlink_to(root / "vllm" / "real")
+    real_readlink = os.readlink
+
+    def readlink_after_removal(path, *a, **kw):
+        if Path(path) == link and link.is_symlink():
+            link.unlink()
+        return real_readlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "readlink", readlink_after_removal)
+    with pytest.raises(EnvironmentProblem) as exc:
+        resolve_inside(root, "vllm/a/x.py")
+    monkeypatch.undo()
+    assert exc.value.message.startswith(f"{root / 'vllm/a/x.py'}: its path changed while m3fuse was resolving it "
+                                        f"(No such file or directory)")
+
+
+def test_sets_are_immutable_and_each_target_is_its_own(setdir):
+    import dataclasses
+
+    s = load_patchset(setdir)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.name = "other"  # type: ignore[misc]
+    again = load_patchset(setdir)
+    # Targets compare by identity: two sets naming one file keep their own parsed diffs.
+    assert s.targets[0] != again.targets[0] and len({s.targets[0], again.targets[0]}) == 2
