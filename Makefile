@@ -23,6 +23,7 @@ stress: $(TEST_VENV)/.ready
 
 # Mutation testing of one module against its own test selection (tools/mutation.py's table):
 #   make mutation MODULE=m3fuse/patching/basechoice.py
+#   make mutation MODULE=m3fuse/patching/basechoice.py SURVIVORS=1   (only the last run's survivors)
 $(TEST_VENV)/.mutation: $(TEST_VENV)/.ready
 	$(TEST_VENV)/bin/pip install -q --disable-pip-version-check -e ".[test,mutation]"
 	touch $@
@@ -30,7 +31,7 @@ $(TEST_VENV)/.mutation: $(TEST_VENV)/.ready
 mutation: $(TEST_VENV)/.mutation
 	@test -n "$(MODULE)" || { $(TEST_VENV)/bin/python tools/mutation.py --list; \
 		echo "make mutation: pass MODULE=<one of the above>"; exit 2; }
-	$(TEST_VENV)/bin/python tools/mutation.py $(MODULE)
+	$(TEST_VENV)/bin/python tools/mutation.py $(MODULE) $(if $(SURVIVORS),--survivors)
 
 demo:
 	PY=$(PY) bash tools/demo.sh

@@ -2,6 +2,7 @@
 """Mutation testing of one package module with cosmic-ray, against the tests that cover it.
 
     make mutation MODULE=m3fuse/patching/basechoice.py     # one module, its own test selection
+    make mutation MODULE=... SURVIVORS=1                   # only the last run's survivors, again
     python tools/mutation.py --list                        # the modules and their selections
 
 Each mutant is the module with one operator changed, written in place; the module's test
@@ -116,22 +117,38 @@ def _results(db: Path) -> dict:
                           "diff": r[7]} for r in survivors]}
 
 
-def run(module: str, tests: list[str]) -> int:
+def _forget_survivors(db: Path) -> int:
+    """Drop the results of the mutants that survived, so `exec` tests them again."""
+    con = sqlite3.connect(db)
+    with con:
+        n = con.execute("DELETE FROM work_results WHERE lower(test_outcome) = 'survived'").rowcount
+    con.close()
+    return n
+
+
+def run(module: str, tests: list[str], *, survivors: bool = False) -> int:
     src = REPO / module
     OUT.mkdir(parents=True, exist_ok=True)
     saved = OUT / f"{_slug(module)}.orig"
     _restore(src, saved)
     cfg, db = OUT / f"{_slug(module)}.toml", OUT / f"{_slug(module)}.sqlite"
     cfg.write_text(_config(module, tests))
-    db.unlink(missing_ok=True)
+    if survivors and not db.is_file():
+        print(f"mutation: no earlier run of {module} ({db}); run it whole first", file=sys.stderr)
+        return 2
+    if not survivors:
+        db.unlink(missing_ok=True)
     shutil.copyfile(src, saved)
     bin_ = Path(sys.executable).parent
     # A SIGTERM/SIGINT ends cosmic-ray (its process group) and then the module is put back.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     start = time.monotonic()
     try:
-        subprocess.run([bin_ / "cosmic-ray", "init", cfg, db], check=True, cwd=REPO)
-        subprocess.run([bin_ / "cr-filter-operators", db, cfg], check=True, cwd=REPO)
+        if survivors:
+            print(f"mutation: testing the {_forget_survivors(db)} survivor(s) of the last run again")
+        else:
+            subprocess.run([bin_ / "cosmic-ray", "init", cfg, db], check=True, cwd=REPO)
+            subprocess.run([bin_ / "cr-filter-operators", db, cfg], check=True, cwd=REPO)
         base = subprocess.run([bin_ / "cosmic-ray", "baseline", cfg], cwd=REPO)
         if base.returncode != 0:
             print(f"mutation: the unmutated {module} fails its own selection {tests}; fix that first",
@@ -142,10 +159,12 @@ def run(module: str, tests: list[str]) -> int:
         _restore(src, saved)
     took = time.monotonic() - start
     res = _results(db)
-    res.update(module=module, tests=tests, seconds=round(took))
-    (OUT / f"{_slug(module)}.json").write_text(json.dumps(res, indent=1) + "\n")
+    report = OUT / f"{_slug(module)}.json"
+    earlier = json.loads(report.read_text()).get("seconds", 0) if survivors and report.is_file() else 0
+    res.update(module=module, tests=tests, seconds=round(took) + earlier)
+    report.write_text(json.dumps(res, indent=1) + "\n")
     print(f"mutation: {module}: {res['mutants']} mutants, {res['killed']} killed, "
-          f"{len(res['survived'])} survived, {res['incompetent']} incompetent, {took:.0f} s")
+          f"{len(res['survived'])} survived, {res['incompetent']} incompetent, {res['seconds']} s")
     for s in res["survived"]:
         print(f"  survived: {module}:{s['line']}:{s['col']} {s['operator']} #{s['occurrence']} (job {s['job']})")
     print(f"mutation: `{bin_ / 'cosmic-ray'} dump {db.relative_to(REPO)}` shows each mutant's diff")
@@ -156,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("module", nargs="?", help="e.g. m3fuse/safeio.py")
     ap.add_argument("--list", action="store_true", help="print the modules and their test selections")
+    ap.add_argument("--survivors", action="store_true",
+                    help="test only the mutants that survived the module's last run (after adding tests)")
     args = ap.parse_args(argv)
     if args.list or not args.module:
         for m, t in SELECTIONS.items():
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutation: {module} has no test selection; add it to SELECTIONS in {Path(__file__).name} "
               f"(modules: {', '.join(SELECTIONS)})", file=sys.stderr)
         return 2
-    return run(module, SELECTIONS[module])
+    return run(module, SELECTIONS[module], survivors=args.survivors)
 
 
 if __name__ == "__main__":
