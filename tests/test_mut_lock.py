@@ -236,10 +236,11 @@ def test_spec_validation_and_its_stamp(tmp_path):
     e = refused(no_created_by, tmp_path, spec=True)
     assert "created-by is missing; PEP 751 requires it" in e.headline and e.details[1] == ("entry", "created-by")
     assert parse_lock(no_created_by, tmp_path / "w.lock", spec=False).packages  # m3fuse's own gate passes it
-    stamps = tmp_path / "stamps"
+    stamps = tmp_path / "cache" / "stamps"
     good = lock()
     parse_lock(good, tmp_path / "w.lock", stamps=stamps)
     (stamp,) = stamps.iterdir()
+    assert stat.S_IMODE(stamps.stat().st_mode) == 0o700 & ~_umask()
     assert stamp.stat().st_size == 0 and stat.S_IMODE(stamp.stat().st_mode) == 0o600
     assert lockmod._stamp(stamps, good) == stamp and lockmod._stamp(stamps, good + " ") != stamp
     assert lockmod._stamp(None, good) is None
@@ -280,14 +281,14 @@ def test_select_wheel_takes_the_best_ranked_tag():
 
 # ----------------------------------------------------------------------------- editing
 def test_add_to_a_missing_file_creates_a_valid_lock(tmp_path):
-    path = tmp_path / "sub" / "w.lock"
+    path = tmp_path / "sub" / "deeper" / "w.lock"
     w = LockedWheel(WHL, f"https://example.invalid/{WHL}", SHA)
     assert add_wheel(path, "demo-pkg", "1.0", w) == "added"
     text = path.read_text()
     assert text.startswith("# Pinned wheels for m3fuse; see docs/wheels.md.\n")
     assert 'lock-version = "1.0"\ncreated-by = "m3fuse"' in text and "size" not in text
     assert load_lock(path).packages[0].wheels == (w,)
-    assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["w.lock"]  # no temp file left
+    assert [p.name for p in path.parent.iterdir()] == ["w.lock"]  # no temp file left
 
 
 def test_add_to_an_empty_file(tmp_path):
@@ -339,6 +340,7 @@ def test_add_size_and_facts(tmp_path):
                      facts={"abi": "x"}) == "updated"
     p = load_lock(path).packages[0]
     assert p.wheels[0].sha256 == "b" * 64 and p.tool == {"m3fuse": {"abi": "x"}}
+    assert "[packages.tool.m3fuse]" in path.read_text() and "[packages.tool]\n" not in path.read_text()
     with pytest.raises(LockError) as exc:
         set_size(path, "nope.whl", 1)
     assert exc.value.headline.endswith("no such wheel in the lock")
@@ -360,16 +362,84 @@ def test_add_new_version_replaces_all_wheels(tmp_path):
 def test_tidy_puts_one_blank_line_before_each_entry():
     assert lockmod._tidy('a = 1\n[[p]]\nx = 1\n# about q\n[[q]]\n\n\n') == 'a = 1\n\n[[p]]\nx = 1\n\n# about q\n[[q]]\n'
     assert lockmod._tidy('[[p]]\n') == '[[p]]\n'
+    assert lockmod._tidy('# top\n[[p]]\n') == '# top\n[[p]]\n'
     assert lockmod._tidy('a = 1\n\n[[p]]\n') == 'a = 1\n\n[[p]]\n'
 
 
 def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
     path = tmp_path / "w.lock"
     path.write_text("old")
-    os.chmod(path, 0o604)
+    os.chmod(path, 0o645)  # every bit, other-execute included, is kept
     lockmod._atomic_write(path, "new")
-    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o604
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o645
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.lock"]
     with pytest.raises(TypeError):
         lockmod._atomic_write(path, b"bytes")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.lock"] and path.read_text() == "new"
+
+
+def test_atomic_write_reports_the_write_error_even_when_its_temp_file_is_gone(tmp_path, monkeypatch):
+    """The disk fails (EIO at fsync) after another process removed the temp file: the error the
+    user sees is the disk's, not the cleanup's FileNotFoundError, and the old lock is untouched."""
+    import errno
+
+    path = tmp_path / "w.lock"
+    path.write_text("old")
+
+    def fsync_fails(fd):
+        for p in tmp_path.iterdir():
+            if p.name != "w.lock":
+                p.unlink()
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(lockmod.os, "fsync", fsync_fails)
+    with pytest.raises(OSError) as exc:
+        lockmod._atomic_write(path, "new")
+    monkeypatch.undo()
+    assert exc.value.errno == errno.EIO and path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.lock"]
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_a_package_with_facts_is_still_hashable(tmp_path):
+    p = parse_lock(lock(pkg_extra='[packages.tool.m3fuse]\nk = "v"\n'), tmp_path / "w", spec=False).packages[0]
+    # The facts table takes no part in what a pin is: not in its hash, not in its equality.
+    assert hash(p) == hash(LockedPackage(p.name, p.version, p.wheels)) and p == LockedPackage(p.name, p.version, p.wheels)
+
+
+def test_a_wheel_appended_to_a_package_of_several_goes_below_the_last_one(tmp_path):
+    path = tmp_path / "w.lock"
+    w2 = "demo_pkg-1.0-cp311-cp311-linux_x86_64.whl"
+    w3 = "demo_pkg-1.0-cp312-cp312-linux_x86_64.whl"
+    path.write_text(lock() + f'\n[[packages.wheels]]\nname = "{w2}"\nurl = "https://e.invalid/{w2}"\n'
+                             f'hashes = {{ sha256 = "{SHA}" }}\n\n# about other\n[[packages]]\nname = "other"\n'
+                             f'version = "2.0"\n\n[[packages.wheels]]\nname = "other-2.0-py3-none-any.whl"\n'
+                             f'url = "https://e.invalid/o.whl"\nhashes = {{ sha256 = "{SHA}" }}\n')
+    assert add_wheel(path, "demo-pkg", "1.0", LockedWheel(w3, f"https://e.invalid/{w3}", SHA)) == "added"
+    text = path.read_text()
+    assert text.index(w2) < text.index(w3) < text.index("# about other") < text.index('name = "other"')
+    assert "\n# about other\n[[packages]]\nname = \"other\"" in text
+    assert [w.name for w in load_lock(path).packages[0].wheels] == [WHL, w2, w3]
+
+
+def test_repairing_created_by_touches_only_the_top_level_key(tmp_path):
+    """A multi-line string in a tool table may hold a line that looks like the key: it is text, kept."""
+    path = tmp_path / "w.lock"
+    note = 'note = """\nlock-version = "9"\n"""\n'
+    path.write_text(lock(pkg_extra="[packages.tool.m3fuse]\n" + note).replace('created-by = "tests"\n', ""))
+    add_wheel(path, "other", "1.0", LockedWheel("other-1.0-py3-none-any.whl", "https://e.invalid/o.whl", SHA))
+    assert path.read_text().count('created-by = "m3fuse"') == 1
+    assert load_lock(path).packages[0].tool == {"m3fuse": {"note": 'lock-version = "9"\n'}}
+
+
+def test_a_lock_is_an_immutable_value(tmp_path):
+    import dataclasses
+
+    lk = parse_lock(lock(), tmp_path / "w", spec=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lk.path = tmp_path  # type: ignore[misc]
