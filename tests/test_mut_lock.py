@@ -244,6 +244,9 @@ def test_spec_validation_and_its_stamp(tmp_path):
     assert stamp.stat().st_size == 0 and stat.S_IMODE(stamp.stat().st_mode) == 0o600
     assert lockmod._stamp(stamps, good) == stamp and lockmod._stamp(stamps, good + " ") != stamp
     assert lockmod._stamp(None, good) is None
+    # Another text validated later leaves its own stamp beside the first (the folder exists by then).
+    parse_lock(good + "\n", tmp_path / "w.lock", stamps=stamps)
+    assert sorted(stamps.iterdir()) == sorted([stamp, lockmod._stamp(stamps, good + "\n")])
     # A stamp for a text is what lets it skip the validator: planted for a text the validator refuses, it passes.
     bad_stamp = lockmod._stamp(stamps, no_created_by)
     with pytest.raises(LockError):
