@@ -378,3 +378,119 @@ def test_tree_root_of_a_file_state(tmp_path, s30):
     t = inspect(v, [s30])
     assert engine._tree_root(t.files[0]) == Path(os.path.realpath(v.root))
     assert EXIT_ENVIRONMENT == EnvironmentProblem("x").exit_code
+
+
+# ----------------------------------------------------------------------------- survivors of the mutation run
+def test_a_target_past_the_read_bound_is_refused_as_unsafe(tmp_path, s30):
+    from m3fuse import safeio
+    from m3fuse.errors import UnsafePath
+
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    with open(v.root / B, "ab") as f:
+        f.truncate(safeio.MAX_SOURCE + 1)
+    with pytest.raises(UnsafePath) as exc:
+        inspect(v, [s30])
+    assert "larger than the" in exc.value.message and "reinstall vLLM" in exc.value.message
+
+
+def test_the_first_of_several_odd_files_is_named(tmp_path, s30):
+    v = tree(tmp_path, {"vllm/m/x.py": b""})
+    (v.root / A).mkdir()
+    (v.root / B).mkdir()
+    t = inspect(v, [s30])
+    with pytest.raises(EnvironmentProblem) as exc:
+        refuse_unless_known(t)
+    assert exc.value.message.startswith(f"{v.root / A}: not a regular file")
+
+
+def test_a_release_at_or_below_beats_one_above_even_when_its_numbers_are_shorter(tmp_path):
+    """Tree 0.0.1: set "0" is at or below it, "0.0.2" above. As tuples, (0,) < (0, 0, -2): only the
+    at-or-below rank keeps the order right."""
+    sets = [write_set(tmp_path / "sets", n, [ver], {A: (src("a"), src("a", 1)), B: (src(n), src(n, 1))})
+            for n, ver in [("zero", "0"), ("above", "0.0.2")]]
+    t = inspect(tree(tmp_path, {A: src("a"), B: src("other")}, version="0.0.1"), sets)
+    assert t.state == UNSUPPORTED and t.closest.name == "zero"
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    import subprocess
+
+    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("flag,word", [("+i", "immutable"), ("+a", "append-only")])
+@pytest.mark.parametrize("which", ["file", "dir", "pyc"])
+def test_a_file_system_lock_on_a_target_its_folder_or_its_bytecode_is_refused_before_writing(
+        tmp_path, s30, flag, word, which):
+    import py_compile
+
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    pyc = Path(py_compile.compile(str(v.root / B), doraise=True))
+    locked = {"file": v.root / B, "dir": v.root / B.rsplit("/", 1)[0], "pyc": pyc}[which]
+    _chattr(flag, locked)
+    try:
+        with pytest.raises(EnvironmentProblem) as exc:
+            converge(v, [s30], PATCHED)
+        # An immutable folder is not even writable for root: that check speaks first.
+        said = "not writable by this user" if (which, flag) == ("dir", "+i") else f"the file system marks it {word} (chattr)"
+        assert exc.value.message.startswith(f"{locked}: {said}")
+        assert (v.root / A).read_bytes() == src("a") and (v.root / B).read_bytes() == src("b")
+    finally:
+        _chattr(flag.replace("+", "-"), locked)
+
+
+def test_other_inode_flags_are_no_lock(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    _chattr("+s", p)  # FS_SECRM_FL (0x1): a flag next to the ones that lock
+    try:
+        assert engine._locked_flags(p) is None
+    finally:
+        _chattr("-s", p)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert engine._locked_flags(fifo) is None  # no such ioctl on a FIFO: unknown, not locked
+    assert engine._locked_flags(tmp_path / "missing") is None
+
+
+def test_ro_hint_of_a_path_that_cannot_be_examined():
+    assert engine._ro_hint(Path("/nonexistent/x")) == ""
+
+
+def test_a_temp_file_replaced_by_a_folder_before_cleanup_is_reported(tmp_path, s30):
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    tmp = atomic.temp_name(v.root / A)
+    tmp.write_bytes(b"half")
+    t = inspect(v, [s30])
+    tmp.unlink()
+    tmp.mkdir()
+    with pytest.raises(EnvironmentProblem) as exc:
+        engine.clean_leftovers(t)
+    assert exc.value.message.startswith(f"{tmp}: cannot remove this temp file of an interrupted run (")
+
+
+def test_a_folder_that_vanishes_before_the_write_changes_nothing(tmp_path, s30):
+    import shutil
+
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    changes = plan(inspect(v, [s30]), PATCHED)
+    shutil.move(v.root / "vllm" / "m", tmp_path / "moved")
+    with pytest.raises(EnvironmentProblem) as exc:
+        engine.execute(changes)
+    assert type(exc.value) is EnvironmentProblem
+    assert exc.value.message.startswith(f"{v.root / A}: writing it failed (No such file or directory). Nothing was "
+                                        f"changed")
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["a.py", "b.py"]
+
+
+def test_a_folder_swapped_for_a_symlink_before_the_write_is_refused_as_unsafe(tmp_path, s30):
+    from m3fuse.errors import UnsafePath
+
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    changes = plan(inspect(v, [s30]), PATCHED)
+    (v.root / "vllm" / "m").rename(tmp_path / "real")
+    (v.root / "vllm" / "m").symlink_to(tmp_path / "real")
+    with pytest.raises(UnsafePath) as exc:
+        engine.execute(changes)
+    assert "Nothing was changed" in exc.value.message
+    assert (tmp_path / "real" / "a.py").read_bytes() == src("a")
