@@ -494,3 +494,24 @@ def test_a_folder_swapped_for_a_symlink_before_the_write_is_refused_as_unsafe(tm
         engine.execute(changes)
     assert "Nothing was changed" in exc.value.message
     assert (tmp_path / "real" / "a.py").read_bytes() == src("a")
+
+
+def test_ro_hint_of_a_writable_file_system_is_empty(tmp_path):
+    assert engine._ro_hint(tmp_path) == ""
+
+
+def test_another_writer_right_after_the_write_is_reported(tmp_path, s30, monkeypatch):
+    """Another process rewrites a target between m3fuse's writes and its proof: the run says so
+    instead of claiming the goal."""
+    v = tree(tmp_path, {A: src("a"), B: src("b")})
+    real_execute = engine.execute
+
+    def execute_then_other_writer(changes):
+        real_execute(changes)
+        (v.root / B).write_bytes(b"another writer\n")
+
+    monkeypatch.setattr(engine, "execute", execute_then_other_writer)
+    with pytest.raises(EnvironmentProblem) as exc:
+        converge(v, [s30], PATCHED)
+    assert exc.value.message.startswith(f"after writing, {v.root} is drifted, not patched (no other detail); "
+                                        f"another process may be writing to the tree")
