@@ -515,3 +515,45 @@ def test_another_writer_right_after_the_write_is_reported(tmp_path, s30, monkeyp
         converge(v, [s30], PATCHED)
     assert exc.value.message.startswith(f"after writing, {v.root} is drifted, not patched (no other detail); "
                                         f"another process may be writing to the tree")
+
+
+def test_summarise_a_mix_with_drift_is_drift():
+    fs = [engine.FileState(None, Path("p"), s, None) for s in (PRISTINE, PATCHED, DRIFTED)]
+    assert engine._summarise(fs) == DRIFTED
+
+
+def test_an_unreadable_target_path_says_why(tmp_path):
+    long_dir = "d" * 300  # longer than a file name may be: the read fails with ENAMETOOLONG
+    rel = f"vllm/{long_dir}/a.py"
+    s = write_set(tmp_path / "sets", "s", ["0.30.0"], {rel: (src("a"), src("a", 1))})
+    v = tree(tmp_path, {A: src("a")})
+    with pytest.raises(EnvironmentProblem) as exc:
+        inspect(v, [s])
+    assert exc.value.message.endswith(": cannot read it (File name too long).")
+
+
+def test_a_set_of_unknown_release_does_not_beat_one_above(tmp_path):
+    sets = [write_set(tmp_path / "sets", n, [ver], {A: (src("a"), src("a", 1)), B: (src(n), src(n, 1))})
+            for n, ver in [("junk", "nightly"), ("above", "0.31.0")]]
+    t = inspect(tree(tmp_path, {A: src("a"), B: src("other")}, version="0.30.0"), sets)
+    assert t.closest.name == "above"
+    t = inspect(tree(tmp_path, {A: src("a"), B: src("other")}, version="0.30.0", name="t2"), sets[::-1])
+    assert t.closest.name == "above"
+
+
+def test_a_local_build_of_the_trees_release_counts_as_at_or_below(tmp_path):
+    """Tree 0.30.0; set "0.30.0+rocm7" is the same release (not the same version string, so the
+    tree is unsupported, not drifted): it is nearer than 0.29.0."""
+    sets = [write_set(tmp_path / "sets", n, [ver], {A: (src("a"), src("a", 1)), B: (src(n), src(n, 1))})
+            for n, ver in [("older", "0.29.0"), ("local", "0.30.0+rocm7")]]
+    t = inspect(tree(tmp_path, {A: src("a"), B: src("other")}, version="0.30.0"), sets)
+    assert t.state == UNSUPPORTED and t.closest.name == "local"
+
+
+def test_the_patched_file_is_compiled_as_its_own_module(tmp_path):
+    """m3fuse's own `from __future__ import annotations` must not leak into the check: code valid
+    on its own (a yield inside an annotation) is planned, not refused."""
+    patched = src("a") + b"def g():\n    def f(x: (yield)):\n        pass\n"
+    s = write_set(tmp_path / "sets", "s", ["0.30.0"], {A: (src("a"), patched)})
+    v = tree(tmp_path, {A: src("a")})
+    assert [c.new_data for c in plan(inspect(v, [s]), PATCHED)] == [patched]
