@@ -242,6 +242,7 @@ def test_wheel_facts_module_forms_in_a_wheel(tmp_path):
     rel = m.replace(".", "/")
     base = {"aiter/__init__.py": "", AITER_CAR: wheelkit.aiter_source()}
     for files, want in [({f"{rel}.py": ""}, True), ({f"{rel}/__init__.py": ""}, True), ({f"{rel}/x/y.py": ""}, True),
+                        ({f"{rel}/y.py": ""}, True),  # a namespace folder holding one plain module
                         ({f"{rel}.cpython-311-x86_64-linux-gnu.so": ""}, True), ({f"{rel}.so.txt": ""}, False),
                         ({f"{rel}.x/y.so": ""}, False), ({f"{rel}x.py": ""}, False), ({}, False)]:
         whl = wheelkit.build_wheel(tmp_path / str(len(list(tmp_path.iterdir()))), "amd-aiter", "1.0", {**base, **files})
@@ -267,3 +268,11 @@ def test_wheel_facts_of_a_distribution_no_set_needs(tmp_path):
 
 def test_constants():
     assert fit.TOOL == "m3fuse" and fit.MAX_SOURCE == 4 << 20
+
+
+def test_every_call_is_judged_after_a_missing_method_or_a_kwargs_method():
+    api = {"CustomAllreduce.kw": ("self", "**"), "CustomAllreduce.h": ("self", "a")}
+    calls = {"CustomAllreduce.gone": ("a",), "CustomAllreduce.kw": ("z",), "CustomAllreduce.h": ("a", "b")}
+    v = judge(need(calls=calls), Provides("1", "t", {}, api), dist=AITER, vllm="0.34.0")
+    assert v.unmet == ["it has no CustomAllreduce.gone (vLLM 0.34.0 calls it)",
+                       "its CustomAllreduce.h takes no b (vLLM 0.34.0 passes it)"]
