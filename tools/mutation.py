@@ -51,10 +51,10 @@ SELECTIONS: dict[str, list[str]] = {
     "m3fuse/patching/lineage.py": ["tests/test_mut_lineage.py"],
     "m3fuse/wheels/lock.py": ["tests/test_mut_lock.py", "tests/test_lock.py"],
     "m3fuse/wheels/fit.py": ["tests/test_mut_fit.py", "tests/test_fixes_aiter.py"],
-    "m3fuse/wheels/fetch.py": ["tests/test_mut_fetch.py", "tests/test_fetch.py"],
-    "m3fuse/wheels/install.py": ["tests/test_wheelinstall.py"],
-    "m3fuse/bytecode.py": ["tests/test_mut_bytecode.py", "tests/test_bytecode.py"],
-    "m3fuse/safeio.py": ["tests/test_mut_safeio.py", "tests/test_hostile_root.py"],
+    "m3fuse/wheels/fetch.py": ["tests/test_mut_fetch.py"],
+    "m3fuse/wheels/install.py": ["tests/test_mut_install.py"],
+    "m3fuse/bytecode.py": ["tests/test_mut_bytecode.py"],
+    "m3fuse/safeio.py": ["tests/test_mut_safeio.py"],
 }
 
 _CMP = "|".join(["Eq_NotEq", "NotEq_Eq", "Lt_LtE", "LtE_Lt", "Gt_GtE", "GtE_Gt", "Lt_Gt", "Gt_Lt",
