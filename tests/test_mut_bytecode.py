@@ -185,3 +185,29 @@ def test_a_pyc_of_a_source_that_no_longer_compiles_is_stale(tmp_path):
 def test_a_missing_source_or_pycache(tmp_path):
     assert stale_bytecode(tmp_path / "nope.py") == []
     assert stale_bytecode(source(tmp_path)) == []
+
+
+def test_a_pyc_python_would_not_load_does_not_hide_the_next_one(tmp_path):
+    src = source(tmp_path)
+    first = pyc(src, opt=1)  # sorts before the plain .pyc
+    plain = pyc(src)
+    first.write_bytes(b"\0\0\0\0" + first.read_bytes()[4:])  # another magic: Python recompiles it
+    source(tmp_path, OTHER)
+    assert reasons(src) == [(plain.name, "timestamp .pyc whose recorded source mtime and size match, but it was "
+                                         "compiled from other source text")]
+
+
+def test_every_pyc_with_a_bad_body_is_reported(tmp_path):
+    src = source(tmp_path)
+    made = [pyc(src, opt=1), pyc(src)]
+    for c in made:
+        c.write_bytes(c.read_bytes()[:16] + b"\xff\xff")
+    assert [n for n, _ in reasons(src)] == [c.name for c in made]
+
+
+def test_a_finding_is_an_immutable_value(tmp_path):
+    import dataclasses
+
+    finding = bytecode.StaleBytecode(tmp_path, "r")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        finding.reason = "other"  # type: ignore[misc]
