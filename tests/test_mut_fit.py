@@ -276,3 +276,13 @@ def test_every_call_is_judged_after_a_missing_method_or_a_kwargs_method():
     v = judge(need(calls=calls), Provides("1", "t", {}, api), dist=AITER, vllm="0.34.0")
     assert v.unmet == ["it has no CustomAllreduce.gone (vLLM 0.34.0 calls it)",
                        "its CustomAllreduce.h takes no b (vLLM 0.34.0 passes it)"]
+
+
+def test_a_top_level_namespace_folder_is_a_module_and_a_bare_file_is_not(tmp_path):
+    """`aiter` with no `aiter/__init__.py`, only files two folders down: the folder itself is
+    there (a namespace package). A member named exactly like a module, without `.py`, is not it."""
+    whl = wheelkit.build_wheel(tmp_path / "a", "amd-aiter", "1.0", {"aiter/x/y.py": ""})
+    assert wheel_facts(whl, AITER, "1.0", "0" * 64, REPO / "patches")["modules"]["aiter"] is True
+    m = "aiter.ops.shuffle"
+    whl = wheelkit.build_wheel(tmp_path / "b", "amd-aiter", "1.0", {"aiter/__init__.py": "", "aiter/ops/shuffle": ""})
+    assert wheel_facts(whl, AITER, "1.0", "0" * 64, REPO / "patches")["modules"][m] is False
