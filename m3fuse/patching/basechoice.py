@@ -109,7 +109,9 @@ def choose(sets: list[PatchSet], tree: dict[str, bytes], target_version: str, so
             merged = merge_file(path, base, ours, apply_diff(base, t.diff, name=str(t.patch_file)),
                                 tree_label="tree", set_name=s.name, new_name=new_name)
             c = Candidate(path, s.name, len(merged.conflicts), merged.compile_error is None)
-            mine.append(((c.conflicts, not c.compiles, nearness(s, target_version)), c))
+            # Not compiling ranks before the conflict count: it is worse than any number of
+            # conflicts (the module docstring's rule; a conflict is shown, broken code is silent).
+            mine.append(((not c.compiles, c.conflicts, nearness(s, target_version)), c))
         mine.sort(key=lambda kc: kc[0])
         mine[0][1].chosen = True
         per_file[path] = mine[0][1].set_name

@@ -1,0 +1,290 @@
+"""Ported sets as derived data (m3fuse/patching/lineage.py), in process where it can be: the tests
+that kill its mutants (`make mutation MODULE=m3fuse/patching/lineage.py`), beside
+tests/test_lineage.py's CLI runs. The sets are the shipped ones (copied), the release files come
+out of the real release wheels."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import realvllm
+from test_lineage import BASE, PATCHES, fix_base_line, ported, snapshot_sets
+from m3fuse.errors import MergeConflict, PatchSetError
+from m3fuse.patching import lineage, portfs, setwriter
+from m3fuse.patching.basesource import BaseSource
+from m3fuse.patching.hunks import parse_diff
+from m3fuse.patching.lineage import (Outcome, apply_resolution, derived_in_order, describe, folder_files, merge_label,
+                                     refresh, resolution_name)
+from m3fuse.patching.patchset import load_all, load_patchset
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    for s in load_all(PATCHES):
+        realvllm.wheel_path(s.vllm_versions[0])
+    return realvllm.cache_root() / "vllm"
+
+
+@pytest.fixture
+def patches(tmp_path) -> Path:
+    d = tmp_path / "patches"
+    shutil.copytree(PATCHES, d)
+    return d
+
+
+@pytest.fixture
+def source(wheels, tmp_path) -> BaseSource:
+    return BaseSource(wheel_dirs=[wheels], cache=tmp_path / "cache")
+
+
+def derived_from_base(patches: Path) -> list[str]:
+    return [s.name for s in load_all(patches) if any(t.ported_from == BASE for t in s.targets)]
+
+
+# ----------------------------------------------------------------------------- --check
+def test_check_on_a_stale_set_reports_it_and_writes_nothing(patches, source):
+    fix_base_line(patches, b"class MiniMaxM3DecoderLayer(nn.Module):\n",
+                  b"# a base fix\nclass MiniMaxM3DecoderLayer(nn.Module):\n")
+    before = snapshot_sets(patches)
+    outcomes = refresh(patches, source, check=True)
+    changed = sorted(o.name for o in outcomes if o.changed)
+    assert changed == sorted(derived_from_base(patches)) and len(changed) >= 7
+    assert not [o.name for o in outcomes if not o.changed and o.name in changed]
+    assert snapshot_sets(patches) == before
+    assert not [p for p in patches.iterdir() if p.name.startswith(".")]
+    # A marker a killed refresh left in a live set: --check leaves it (it writes nothing), a refresh drops it.
+    portfs.mark(patches / BASE)
+    refresh(patches, source, check=True)
+    assert (patches / BASE / portfs.MARKER).exists()
+    outcomes = refresh(patches, source)
+    assert sorted(o.name for o in outcomes if o.changed) == changed
+    assert not (patches / BASE / portfs.MARKER).exists()
+    assert not [o.name for o in refresh(patches, source, check=True) if o.changed]
+
+
+def test_check_through_the_cli_exits_4_naming_the_stale_sets(patches, wheels, tmp_path):
+    fix_base_line(patches, b"class MiniMaxM3DecoderLayer(nn.Module):\n",
+                  b"# a base fix\nclass MiniMaxM3DecoderLayer(nn.Module):\n")
+    before = snapshot_sets(patches)
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "port", "--refresh", "--check", "--patches", str(patches),
+                        "--wheels", str(wheels)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 4, r.stderr
+    assert "ported sets differ from what their bases and resolutions give" in r.stderr
+    for name in derived_from_base(patches):
+        assert name in r.stderr
+    assert snapshot_sets(patches) == before
+
+
+def test_refresh_of_shipped_sets_changes_nothing_and_says_so(patches, source):
+    before = snapshot_sets(patches)
+    outcomes = refresh(patches, source)
+    assert [o.name for o in outcomes] == [s.name for s in derived_in_order(load_all(patches))]
+    assert not [o for o in outcomes if o.changed] and snapshot_sets(patches) == before
+    o = next(o for o in outcomes if any(f["resolution"] for f in o.files))
+    f = next(f for f in o.files if f["resolution"])
+    assert f["ported_from"] and len(f["patched_sha256"]) == 64
+    s = load_patchset(patches / o.name)
+    assert f["patched_sha256"] == next(t.patched_sha256 for t in s.targets if t.path == f["path"])
+
+
+def test_record_writes_only_the_resolutions_a_merge_needs(patches, source):
+    recorded = sorted(p.relative_to(patches) for p in patches.glob("*/*.resolution.diff"))
+    for p in recorded:
+        (patches / p).unlink()
+    (patches / BASE / "model.py.resolution.diff").write_text("stale\n")  # a base is no ported set: left alone
+    outcomes = refresh(patches, source, record=True)
+    assert sorted(p.relative_to(patches) for p in patches.glob("*/*.resolution.diff")) == \
+        sorted(recorded + [Path(BASE) / "model.py.resolution.diff"])
+    assert {o.name for o in outcomes if o.changed} == {str(p.parent) for p in recorded}
+    # Recording again changes nothing; a resolution no longer needed is removed.
+    assert not [o for o in refresh(patches, source, record=True) if o.changed]
+
+
+# ----------------------------------------------------------------------------- order
+def test_bases_come_before_the_sets_made_from_them():
+    sets = load_all(PATCHES)
+    order = [s.name for s in derived_in_order(sets)]
+    assert sorted(order) == sorted(ported(PATCHES))
+    for s in derived_in_order(sets):
+        for t in s.targets:
+            if t.ported_from in order:
+                assert order.index(t.ported_from) < order.index(s.name)
+    assert derived_in_order(list(reversed(sets))) != [] and \
+        sorted(s.name for s in derived_in_order(list(reversed(sets)))) == sorted(order)
+
+
+def test_a_chain_is_ordered_whatever_the_listing_order(patches):
+    # Make vllm-0.30.0's model come from vllm-0.28.0 (itself from vllm-0.26.0).
+    m = patches / "vllm-0.30.0" / "manifest.toml"
+    text = m.read_text()
+    cut = text.rindex('ported-from = "vllm-0.26.0"')
+    m.write_text(text[:cut] + 'ported-from = "vllm-0.28.0"\n')
+    sets = load_all(patches)
+    for listing in (sets, list(reversed(sets))):
+        order = [s.name for s in derived_in_order(listing)]
+        assert order.index("vllm-0.28.0") < order.index("vllm-0.30.0")
+
+
+def test_tampered_references_are_refused_by_name(patches):
+    m = patches / "vllm-0.30.0" / "manifest.toml"
+    text = m.read_text()
+    cut = text.rindex('ported-from = "vllm-0.26.0"')
+    m.write_text(text[:cut] + 'ported-from = "vllm-9"\n')
+    with pytest.raises(PatchSetError) as exc:
+        derived_in_order(load_all(patches))
+    e = exc.value
+    assert e.headline == f"{m} ({realvllm.MODEL}): ported-from names a set that does not exist"
+    assert e.details[1] == ("got", "'vllm-9'") and e.details[0][1].startswith("one of vllm-0.24.0, ")
+    m.write_text(text)
+    # A cycle: the base names a set made from it.
+    b = patches / BASE / "manifest.toml"
+    bt = b.read_text()
+    pin = load_patchset(patches / BASE).targets[-1].patched_sha256
+    b.write_text(bt.replace(f'patched-sha256 = "{pin}"\n', f'patched-sha256 = "{pin}"\nported-from = "vllm-0.30.0"\n'))
+    with pytest.raises(PatchSetError) as exc:
+        derived_in_order(load_all(patches))
+    assert exc.value.headline.startswith("ported-from references form a cycle")
+    cycle = exc.value.details[0][1].split(" -> ")
+    assert cycle[-1] in cycle[:-1] and {BASE, "vllm-0.30.0"} <= set(cycle)
+
+
+def test_a_reference_to_a_set_without_the_file(patches):
+    other = patches / "vllm-0.24.0" / "manifest.toml"
+    t = other.read_text()
+    other.write_text(t[:t.index('[[files]]\npath = "vllm/models')])
+    m = patches / "vllm-0.30.0" / "manifest.toml"
+    text = m.read_text()
+    cut = text.rindex('ported-from = "vllm-0.26.0"')
+    m.write_text(text[:cut] + 'ported-from = "vllm-0.24.0"\n')
+    with pytest.raises(PatchSetError) as exc:
+        derived_in_order(load_all(patches))
+    assert exc.value.details == (("expected", f"a set patching {realvllm.MODEL}"), ("got", "vllm-0.24.0"))
+
+
+# ----------------------------------------------------------------------------- resolutions
+def _res(before: str, after: str) -> object:
+    text = setwriter.unified_diff(setwriter.FileChange("vllm/x.py", before.encode(), after.encode()))
+    return parse_diff(text, name="r")
+
+
+LINES = "".join(f"line {i}\n" for i in range(1, 21))
+
+
+def test_a_resolution_applies_where_recorded_and_where_it_moved():
+    after = LINES.replace("line 5\n", "five\n").replace("line 15\n", "fifteen\n")
+    diff = _res(LINES, after)
+    assert apply_resolution(LINES.encode(), diff, where="w") == after.encode()
+    # Three lines added at the top and one removed between the hunks: both hunks still found.
+    moved = "a\nb\nc\n" + LINES.replace("line 10\n", "")
+    assert apply_resolution(moved.encode(), diff, where="w") == \
+        ("a\nb\nc\n" + after.replace("line 10\n", "")).encode()
+    # Lines removed above: found earlier than recorded.
+    up = LINES.replace("line 1\n", "")
+    assert apply_resolution(up.encode(), diff, where="w") == after.replace("line 1\n", "").encode()
+
+
+def test_a_resolution_that_inserts_only():
+    after = LINES.replace("line 10\n", "line 10\nnew\n")
+    diff = _res(LINES, after)
+    assert apply_resolution(LINES.encode(), diff, where="w") == after.encode()
+    assert apply_resolution(("x\n" + LINES).encode(), diff, where="w") == ("x\n" + after).encode()
+
+
+def test_a_resolution_that_no_longer_fits_names_the_hunk():
+    after = LINES.replace("line 5\n", "five\n").replace("line 15\n", "fifteen\n")
+    diff = _res(LINES, after)
+    gone = LINES.replace("line 15\n", "changed\n")
+    with pytest.raises(MergeConflict) as exc:
+        apply_resolution(gone.encode(), diff, where="S: f")
+    e = exc.value
+    assert e.headline == "S: f: hand resolution 2 no longer fits the merge; nothing of this set was written"
+    assert e.details[0] == ("expected", "near line 12: 'line 12' (and its 6 following line(s)) as recorded")
+    # A conflict marker in the recorded lines is the line named.
+    merged = LINES.replace("line 10\n", "<<<<<<< tree\nline 10\n=======\nten\n>>>>>>> base\n")
+    diff = _res(merged, LINES.replace("line 10\n", "TEN\n"))
+    with pytest.raises(MergeConflict) as exc:
+        apply_resolution(LINES.encode(), diff, where="w")
+    assert "'<<<<<<< tree'" in exc.value.details[0][1]
+
+
+def test_hunks_are_found_in_order_never_before_the_last_one():
+    text = "a\nx\nb\nc\nd\ne\nf\ng\nh\ni\nx\nj\n"
+    diff = _res(text, text.replace("e\n", "E\n").replace("\nx\nj\n", "\nX\nj\n"))
+    assert apply_resolution(text.encode(), diff, where="w") == text.replace("e\n", "E\n").replace("\nx\nj\n", "\nX\nj\n").encode()
+
+
+# ----------------------------------------------------------------------------- small parts
+def test_names_labels_and_outcomes():
+    assert resolution_name("vllm/a/b/model.py") == "model.py.resolution.diff" == "model.py" + lineage.RESOLUTION_SUFFIX
+    s = load_patchset(PATCHES / "vllm-0.28.0")
+    assert merge_label(s) == "vLLM 0.28.0"
+    o = Outcome("n", True, [{"path": "a"}])
+    assert o.to_json() == {"set": "n", "changed": True, "files": [{"path": "a"}]}
+    assert lineage.CARRIED == frozenset({"aiter-needs.toml"})
+
+
+def test_describe():
+    outs = [Outcome("vllm-0.30.0", True, [{"path": "vllm/a/model.py", "resolution": True},
+                                         {"path": "vllm/b/h.py", "resolution": False}]),
+            Outcome("vllm-0.28.0", False, [{"path": "vllm/a/model.py", "resolution": False}])]
+    assert describe(outs, record=False, check=False) == [
+        "port: 2 ported set(s), 1 re-derived",
+        "  vllm-0.30.0      re-derived   resolutions: model.py",
+        "  vllm-0.28.0      unchanged    resolutions: none"]
+    assert describe(outs, record=False, check=True)[0] == "port: 2 ported set(s), 1 would change"
+    assert describe(outs, record=True, check=False)[1].startswith("  vllm-0.30.0      recorded ")
+    assert describe(outs[1:], record=False, check=True) == [
+        "port: 1 ported set(s), 0 changed", "  vllm-0.28.0      unchanged    resolutions: none"]
+
+
+def test_folder_files_takes_regular_files_only(tmp_path):
+    (tmp_path / "a").write_bytes(b"1")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    (tmp_path / portfs.MARKER).write_bytes(b"")
+    (tmp_path / "b").write_bytes(b"2")
+    assert folder_files(tmp_path) == {"a": b"1", "b": b"2"}
+    assert list(folder_files(tmp_path)) == ["a", "b"]
+
+
+def test_replace_set_swaps_whole_and_a_failed_proof_keeps_the_old(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "old").write_bytes(b"o")
+    lineage.replace_set(folder, {"new": b"n"}, lambda _p: None)
+    assert folder_files(folder) == {"new": b"n"} and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+    def bad(_p: Path) -> None:
+        raise RuntimeError("proof failed")
+
+    with pytest.raises(RuntimeError):
+        lineage.replace_set(folder, {"other": b"x"}, bad)
+    assert folder_files(folder) == {"new": b"n"} and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_exchange_of_a_missing_folder_says_so(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(Exception) as exc:
+        lineage._exchange(tmp_path / "a", tmp_path / "missing")
+    assert "cannot swap the refreshed set in (No such file or directory)" in str(exc.value)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"")
+    lineage._exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "x").exists() and not (tmp_path / "a" / "x").exists()
+
+
+def test_the_cli_json_of_a_refresh(patches, wheels, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "m3fuse", "port", "--refresh", "--check", "--json", "--patches",
+                        str(patches), "--wheels", str(wheels)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["mode"] == "refresh" and all(not o["changed"] for o in body["sets"])
