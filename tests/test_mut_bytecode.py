@@ -154,10 +154,12 @@ def test_a_body_that_is_not_marshalled_code(tmp_path):
     src = source(tmp_path)
     c = pyc(src)
     head = c.read_bytes()[:16]
-    for body in (b"", b"\xff\xff", b"not marshal"):
+    # Each reason names where the bounded walk (m3fuse/marshalcanon.py) lost the stream.
+    for body, where in ((b"", "truncated at byte 0"), (b"\xff\xff", "type code '\\x7f' at byte 0"),
+                        (b"not marshal", "type code 'n' at byte 0")):
         c.write_bytes(head + body)
         assert reasons(src) == [(c.name, "timestamp .pyc whose recorded source mtime and size match, but its body "
-                                         "is not valid marshalled code")], body
+                                         f"is not valid marshalled code m3fuse can judge ({where})")], body
 
 
 def test_headers_python_would_not_load(tmp_path):
@@ -178,8 +180,13 @@ def test_a_pyc_of_a_source_that_no_longer_compiles_is_stale(tmp_path):
     broken = SRC.replace(b"x + 1", b"x +(1")
     assert len(broken) == len(SRC)
     source(tmp_path, broken)
-    assert reasons(src) == [(c.name, "timestamp .pyc whose recorded source mtime and size match, but it was "
-                                     "compiled from other source text")]
+    # Python would load the .pyc (mtime and size match) and run code the current text cannot
+    # give; the reason says the source does not parse (the parser's own words sit between).
+    [(name, why)] = reasons(src)
+    assert name == c.name
+    assert why.startswith("timestamp .pyc whose recorded source mtime and size match, but the current source does "
+                          "not parse as Python: "), why
+    assert why.endswith(" (line 5), so its bytecode cannot be judged"), why
 
 
 def test_a_missing_source_or_pycache(tmp_path):

@@ -271,7 +271,9 @@ def test_an_unreadable_diff_says_why(setdir):
         p = setdir / first(setdir, "patch")
         s = load_patchset(setdir)
         p.unlink()
-        with pytest.raises(PatchSetError, match=r"cannot read this patch file \(No such file or directory\)\.$"):
+        with pytest.raises(PatchSetError, match=r"cannot read this patch file \(No such file or directory\)\.\n"
+                                                r"hint: use the shipped sets \(drop --patches\), or fix the set file "
+                                                r"named above$"):
             s.parse()
     else:
         p = setdir / first(setdir, "patch")
@@ -315,7 +317,8 @@ def test_load_all_refuses_two_folders_with_one_name(tmp_path):
     shutil.copytree(REPO / "patches" / "vllm-0.24.0", root / "c")
     with pytest.raises(PatchSetError) as exc:
         load_all(root)
-    assert exc.value.message == f"{root}: patch-set names ['vllm-0.26.0'] are used by more than one folder."
+    assert exc.value.message == (f"{root}: patch-set names ['vllm-0.26.0'] are used by more than one folder.\n"
+                                 f"hint: use the shipped sets (drop --patches), or fix the set file named above")
 
 
 def test_load_all_of_a_missing_folder(tmp_path):
