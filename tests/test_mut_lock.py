@@ -24,11 +24,19 @@ def lock(url: str = f"https://example.invalid/{WHL}", extra: str = "", head: str
             f'[[packages.wheels]]\nname = "{wheel_name}"\nurl = "{url}"\nhashes = {{ sha256 = "{sha}" }}\n{extra}\n')
 
 
+# Every refusal of a lock's content says in its headline that nothing happened; its hint names
+# the fix and the command that re-creates the lock (m3fuse/wheels/lock.py, _bad).
+NOTHING = "; nothing was downloaded or installed"
+
+
 def refused(text: str, tmp_path: Path, *, spec: bool = False) -> LockError:
     with pytest.raises(LockError) as exc:
         parse_lock(text, tmp_path / "w.lock", spec=spec)
-    assert str(tmp_path / "w.lock") in exc.value.message
-    return exc.value
+    e = exc.value
+    assert e.details[0] == ("file", str(tmp_path / "w.lock"))
+    assert e.headline.endswith(NOTHING), e.headline
+    assert e.hint == f"fix that entry, or re-create it: `m3fuse lock add URL|FILE --lock {tmp_path / 'w.lock'}`"
+    return e
 
 
 # ----------------------------------------------------------------------------- the URL policy
@@ -178,18 +186,18 @@ def test_the_same_distribution_twice_names_both_entries(tmp_path):
     second = lock().split("\n\n", 1)[1].replace('name = "demo-pkg"', 'name = "Demo_Pkg"')
     e = refused(lock() + "\n" + second, tmp_path)
     assert e.details[1] == ("entry", "package #2 (Demo_Pkg)")
-    assert e.headline.endswith("the same distribution is already pinned by package #1")
+    assert e.headline.endswith("the same distribution is already pinned by package #1" + NOTHING)
 
 
 def test_the_same_wheel_twice(tmp_path):
     text = lock() + f'[[packages.wheels]]\nname = "{WHL}"\nurl = "https://e.invalid/{WHL}"\nhashes = {{ sha256 = "{SHA}" }}\n'
     e = refused(text, tmp_path)
-    assert e.headline.endswith("the same wheel file name is listed twice")
+    assert e.headline.endswith("the same wheel file name is listed twice" + NOTHING)
 
 
 def test_tool_must_be_a_table(tmp_path):
     e = refused(lock(pkg_extra="tool = 3\n"), tmp_path)
-    assert e.headline.endswith("tool must be a table ([packages.tool])")
+    assert e.headline.endswith("tool must be a table ([packages.tool])" + NOTHING)
 
 
 @pytest.mark.parametrize("wheel,problem", [
@@ -227,7 +235,7 @@ def test_wheel_entries(tmp_path, wheel, problem):
     assert e.details[1][1].startswith("package #1 (demo-pkg)")
     if not wheel.startswith("wheels ="):
         assert e.details[1] == ("entry", "package #1 (demo-pkg), wheel #1")
-    assert "nothing was downloaded or installed" in e.hint and "m3fuse lock add URL|FILE" in e.hint
+    assert e.hint == f"fix that entry, or re-create it: `m3fuse lock add URL|FILE --lock {tmp_path / 'w.lock'}`"
 
 
 # ----------------------------------------------------------------------------- PEP 751 and stamps
@@ -265,7 +273,7 @@ def test_a_stamp_folder_that_cannot_be_written_only_costs_time(tmp_path):
 def test_pep751_findings_name_the_key(tmp_path):
     bad = lock().replace('name = "demo-pkg"', 'name = "demo-pkg"\nmarker = "python_version >="', 1)
     e = refused(bad, tmp_path, spec=True)
-    assert e.headline.endswith("(PEP 751)") and e.details[1][0] == "entry" and e.details[1][1] != "top level"
+    assert e.headline.endswith("(PEP 751)" + NOTHING) and e.details[1][0] == "entry" and e.details[1][1] != "top level"
 
 
 # ----------------------------------------------------------------------------- selection
@@ -346,7 +354,7 @@ def test_add_size_and_facts(tmp_path):
     assert "[packages.tool.m3fuse]" in path.read_text() and "[packages.tool]\n" not in path.read_text()
     with pytest.raises(LockError) as exc:
         set_size(path, "nope.whl", 1)
-    assert exc.value.headline.endswith("no such wheel in the lock")
+    assert exc.value.headline.endswith("no such wheel in the lock" + NOTHING)
 
 
 def test_add_new_version_replaces_all_wheels(tmp_path):
