@@ -212,6 +212,121 @@ def test_every_pyc_with_a_bad_body_is_reported(tmp_path):
     assert [n for n, _ in reasons(src)] == [c.name for c in made]
 
 
+# ----------------------------------------------------------------------------- what Python may run, m3fuse cannot judge
+# A race is planted for real at its instant: the test wraps the call that opens the window
+# (os.lstat, the folder listing) and does what a concurrent writer would do right after it.
+LINK = "a symbolic link: Python follows it and may run what it names; m3fuse reads through no link"
+STALE = "timestamp .pyc whose recorded source mtime and size match, but it was compiled from other source text"
+
+
+def test_an_unjudged_pyc_does_not_hide_the_next_one(tmp_path):
+    src = source(tmp_path)
+    first = pyc(src, opt=1)  # sorts before the plain .pyc
+    plain = pyc(src)
+    elsewhere = tmp_path / "elsewhere.pyc"
+    first.rename(elsewhere)
+    first.symlink_to(elsewhere)
+    source(tmp_path, OTHER)
+    assert reasons(src) == [(first.name, LINK), (plain.name, STALE)]
+
+
+def test_every_pyc_of_a_source_that_does_not_parse_is_reported(tmp_path):
+    src = source(tmp_path)
+    made = [pyc(src, opt=1), pyc(src)]
+    source(tmp_path, SRC.replace(b"x + 1", b"x +(1"))
+    got = reasons(src)
+    assert [n for n, _ in got] == [c.name for c in made]
+    assert all("the current source does not parse as Python" in why for _, why in got), got
+
+
+def test_a_fifo_planted_as_a_pyc_is_neither_read_nor_reported(tmp_path, monkeypatch):
+    """Python cannot run code from a FIFO (the import blocks instead): not reported, and
+    m3fuse does not block on it either. Gone by the time m3fuse looks at what it was: the same."""
+    src = source(tmp_path)
+    c = pyc(src)
+    c.unlink()
+    os.mkfifo(c)
+    assert stale_bytecode(src) == []
+    real_lstat = os.lstat
+
+    def lstat_then_remove(path, *a, **kw):
+        st = real_lstat(path, *a, **kw)
+        if Path(path) == c and c.exists():
+            c.unlink()  # after safeio's check refused it, before bytecode asks whether it was a link
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_remove)
+    assert stale_bytecode(src) == []
+    assert not c.exists()
+
+
+def test_a_pyc_replaced_while_read_is_reported(tmp_path, monkeypatch):
+    """Swapped for a socket between safeio's lstat and its open: the open is refused (ENXIO),
+    and what Python would find there is not known, so it is reported."""
+    import socket
+
+    src = source(tmp_path)
+    c = pyc(src)
+    real_lstat = os.lstat
+    socks = []
+    monkeypatch.chdir(c.parent)  # a socket's path must fit 108 bytes: bind it by its bare name
+
+    def lstat_then_swap(path, *a, **kw):
+        st = real_lstat(path, *a, **kw)
+        if Path(path) == c and c.is_file():
+            c.unlink()
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(c.name)
+            socks.append(sock)
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    try:
+        got = reasons(src)
+    finally:
+        monkeypatch.undo()
+        for sock in socks:
+            sock.close()
+    assert socks and got == [(c.name, "was replaced by something other than a regular file while m3fuse read it")]
+
+
+def test_a_pyc_that_cannot_be_read_is_reported_with_the_reason(tmp_path, monkeypatch):
+    """The `__pycache__` listed a moment ago is now a file: reading the .pyc fails with
+    ENOTDIR, which is reported with the system's words (not skipped, not a traceback)."""
+    src = source(tmp_path)
+    c = pyc(src)
+    real_listing = bytecode.bytecode_files
+
+    def list_then_swap(source_path):
+        listed = real_listing(source_path)
+        c.parent.rename(tmp_path / "moved")
+        c.parent.write_bytes(b"")
+        return listed
+
+    monkeypatch.setattr(bytecode, "bytecode_files", list_then_swap)
+    assert reasons(src) == [(c.name, "cannot be read by m3fuse (Not a directory); Python may load it")]
+
+
+def test_an_unknown_code_layout_is_reported_not_guessed(tmp_path, monkeypatch):
+    """Stand-in for a Python whose code objects hold one field more than m3fuse knows (a
+    layout that cannot be had on the interpreter running the tests): marshalcanon's layout is
+    cut by its last field, so the walk of m3fuse's own compile ends before the dump does.
+    Every .pyc is then reported with the reason, none is passed on a guess."""
+    from m3fuse import marshalcanon
+
+    flat = b"x = 1\n"  # no nested code: the walk ends cleanly, one field early
+    src = source(tmp_path, flat)
+    c = pyc(src)
+    assert stale_bytecode(src) == []
+    ints, fields = marshalcanon._LAYOUT
+    monkeypatch.setattr(marshalcanon, "_LAYOUT", (ints, fields[:-1]))
+    [(name, why)] = reasons(src)
+    assert name == c.name
+    assert why.startswith("timestamp .pyc whose recorded source mtime and size match, but m3fuse cannot read this "
+                          "Python's code layout ("), why
+    assert why.endswith(" bytes left after the object), so no bytecode can be judged"), why
+
+
 def test_a_finding_is_an_immutable_value(tmp_path):
     import dataclasses
 
