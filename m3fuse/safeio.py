@@ -227,13 +227,25 @@ def open_zip(path: Path):  # noqa: ANN201 - a zipfile.ZipFile; zipfile is import
     fd, _ = open_regular(path)
     f = os.fdopen(fd, "rb")
     try:
-        return zipfile.ZipFile(f)
+        zf = zipfile.ZipFile(f)
+        zf.filename = os.fspath(path)  # not the descriptor number fdopen names it by (read_member's messages)
+        return zf
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         f.close()
         raise BadArchive(path, f"is not a zip archive m3fuse can read ({exc})") from None
     except BaseException:
         f.close()
         raise
+
+
+def _lzma_error() -> tuple[type[Exception], ...]:
+    """lzma's error type, or none on a Python built without lzma (zipfile then refuses an LZMA
+    member with RuntimeError)."""
+    try:
+        import lzma
+    except ImportError:
+        return ()
+    return (lzma.LZMAError,)
 
 
 class Inflation:
@@ -249,6 +261,7 @@ def read_member(zf, name: str, limit: int = MAX_MEMBER, *, shown: Path | str | N
     """One archive member, refused past `limit` bytes (declared or inflated) with TooLarge,
     past the shared `budget` too; BadArchive when it cannot be inflated; KeyError when absent."""
     import zipfile
+    import zlib
 
     where = f"{shown if shown is not None else zf.filename}:{name}"
     info = zf.getinfo(name)
@@ -258,8 +271,9 @@ def read_member(zf, name: str, limit: int = MAX_MEMBER, *, shown: Path | str | N
     try:
         with zf.open(info) as f:
             data = f.read(cap + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
-        raise BadArchive(where, f"cannot be inflated ({exc})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error,
+            *_lzma_error()) as exc:  # zipfile passes the decompressors' own errors through unwrapped
+        raise BadArchive(where, f"cannot be inflated ({str(exc) or 'its data ends early'})") from None
     if len(data) > cap:
         raise TooLarge(where, cap)
     if budget is not None:

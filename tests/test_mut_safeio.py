@@ -210,6 +210,178 @@ def _umask() -> int:
     return m
 
 
+def test_an_entry_that_vanishes_while_its_refusal_is_examined_fails_as_it_did(tmp_path, monkeypatch):
+    """open_dir_at's open fails (a symlink where a folder belongs: ENOTDIR) and the entry is gone
+    by the time it is looked at: the open's own error is raised, not FileNotFoundError (which
+    walk_down's callers would take for "missing, create it")."""
+    import errno
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    real_lstat = os.lstat
+
+    def remove_then_lstat(path, *a, **kw):
+        if path == "link":
+            os.unlink(tmp_path / "link")  # the racing writer removes it first
+        return real_lstat(path, *a, **kw)
+
+    fd = os.open(tmp_path, os.O_RDONLY)
+    monkeypatch.setattr(safeio.os, "lstat", remove_then_lstat)
+    try:
+        with pytest.raises(OSError) as exc:
+            open_dir_at(fd, "link", shown="S")
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert exc.value.errno == errno.ENOTDIR and not (tmp_path / "link").exists()
+
+
+# ----------------------------------------------------------------------------- text
+def test_decode_is_strict_utf8_naming_the_first_bad_byte(tmp_path):
+    assert safeio.decode("é ok".encode(), "S") == "é ok"
+    with pytest.raises(safeio.NotText) as exc:
+        safeio.decode(b"ab\xffc\xfe", "S")
+    assert (exc.value.path, exc.value.reason) == (Path("S"), "is not UTF-8 text (byte 2 is b'\\xff')")
+    with pytest.raises(safeio.NotText) as exc:
+        safeio.decode(b"\xc3", "S")  # cut in the middle of a character: the byte is the last one
+    assert exc.value.reason == "is not UTF-8 text (byte 0 is b'\\xc3')"
+
+
+def test_read_text_names_the_file_or_what_it_is_shown_as(tmp_path):
+    p = tmp_path / "f.toml"
+    p.write_bytes(b"ok = 1\n")
+    assert safeio.read_text(p, 7) == "ok = 1\n"
+    p.write_bytes(b"\xff")
+    with pytest.raises(safeio.NotText) as exc:
+        safeio.read_text(p, 7)
+    assert exc.value.path == p
+    with pytest.raises(safeio.NotText) as exc:
+        safeio.read_text(p, 7, shown="pkg/f.toml")
+    assert exc.value.path == Path("pkg/f.toml")
+
+
+# ----------------------------------------------------------------------------- zip archives
+# Each archive is written by zipfile and then one header field or data byte is changed, the
+# way a damaged or hostile wheel differs from a real one (field offsets: PKWARE APPNOTE 4.3.7,
+# 4.3.12, 4.3.16).
+DATA = b"x = 1\n" * 50  # 300 bytes
+
+
+def _zip(tmp_path: Path, comp: int = 0, data: bytes = DATA, edit=None, name: str = "w.whl") -> Path:  # noqa: ANN001
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", comp) as z:
+        z.writestr("a.py", data)
+    b = bytearray(buf.getvalue())
+    if edit:
+        edit(b, b.index(b"PK\x03\x04"), b.index(b"PK\x01\x02"), b.rindex(b"PK\x05\x06"))
+    p = tmp_path / name
+    p.write_bytes(bytes(b))
+    return p
+
+
+def _put(b: bytearray, at: int, fmt: str, value: int) -> None:
+    import struct
+
+    b[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+
+
+def _member(p: Path, limit: int = 1000, **kw) -> bytes:  # noqa: ANN003
+    with safeio.open_zip(p) as zf:
+        return safeio.read_member(zf, "a.py", limit, **kw)
+
+
+def test_the_member_limit():
+    assert safeio.MAX_MEMBER == 16 << 20 and safeio.read_member.__defaults__ == (safeio.MAX_MEMBER,)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (None, "File is not a zip file"),
+    (lambda b, lh, cd, end: b.__setitem__(cd + 6, 74), "zip file version 7.4"),
+    (lambda b, lh, cd, end: (_put(b, cd + 8, "<H", 0x800), b.__setitem__(cd + 46 + 1, 0xFF)),
+     "'utf-8' codec can't decode byte 0xff in position 1: invalid start byte"),
+])
+def test_open_zip_refuses_what_zipfile_cannot_open(tmp_path, edit, why):
+    p = tmp_path / "w.whl"
+    if edit is None:
+        p.write_bytes(b"PK not a zip at all")
+    else:
+        p = _zip(tmp_path, edit=edit)
+    with pytest.raises(safeio.BadArchive) as exc:
+        safeio.open_zip(p)
+    assert (exc.value.path, exc.value.reason) == (p, f"is not a zip archive m3fuse can read ({why})")
+
+
+@pytest.mark.parametrize("raised", [OSError(5, "Input/output error"), EOFError("cut"), KeyboardInterrupt()])
+def test_open_zip_closes_its_descriptor_whatever_stops_it(tmp_path, monkeypatch, raised):
+    """Stand-in for a disk error (EIO), a file cut while read, and a Ctrl-C while the central
+    directory is read, none of which a file on a sane disk produces on demand: zipfile.ZipFile
+    raises them. The descriptor is closed each time; the first two are a BadArchive."""
+    import zipfile
+
+    p = _zip(tmp_path)
+
+    def fail(_f):  # noqa: ANN001
+        raise raised
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(zipfile, "ZipFile", fail)
+    with pytest.raises(type(raised) if isinstance(raised, KeyboardInterrupt) else safeio.BadArchive) as exc:
+        safeio.open_zip(p)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+    if not isinstance(raised, KeyboardInterrupt):
+        assert exc.value.reason == f"is not a zip archive m3fuse can read ({raised})"
+
+
+def test_read_member_at_and_past_its_limit(tmp_path):
+    p = _zip(tmp_path, 8)  # deflated
+    assert _member(p, len(DATA)) == DATA and _member(p, len(DATA) + 1) == DATA
+    with pytest.raises(TooLarge) as exc:
+        _member(p, len(DATA) - 1)
+    assert exc.value.limit == len(DATA) - 1 and exc.value.path == Path(f"{p}:a.py")  # named by the archive's path
+    with pytest.raises(TooLarge) as exc:
+        _member(p, 10, shown="pkg.whl")
+    assert exc.value.path == Path("pkg.whl:a.py")
+
+
+def test_read_member_shares_an_inflation_budget(tmp_path):
+    p = _zip(tmp_path)
+    budget = safeio.Inflation(len(DATA) * 2 - 1)
+    assert budget.limit == budget.left == len(DATA) * 2 - 1
+    assert _member(p, budget=budget) == DATA and budget.left == len(DATA) - 1
+    with pytest.raises(TooLarge) as exc:
+        _member(p, budget=budget)  # the member limit (1000) would pass it; what is left of the budget does not
+    assert exc.value.limit == len(DATA) - 1 and budget.left == len(DATA) - 1
+
+
+@pytest.mark.parametrize("comp,edit,why", [
+    (0, lambda b, lh, cd, end: b.__setitem__(lh + 30 + 4, b[lh + 30 + 4] ^ 1), "Bad CRC-32 for file 'a.py'"),
+    (0, lambda b, lh, cd, end: _put(b, cd + 10, "<H", 99), "That compression method is not supported"),
+    (0, lambda b, lh, cd, end: _put(b, cd + 8, "<H", 1),
+     "File <ZipInfo filename='a.py' filemode='?rw-------' file_size=300> is encrypted, password required for "
+     "extraction"),
+    (0, lambda b, lh, cd, end: (_put(b, cd + 20, "<I", 5000), _put(b, cd + 24, "<I", 5000)), "its data ends early"),
+    # the central directory says it starts 1000 bytes later: every member's offset is then negative
+    (0, lambda b, lh, cd, end: _put(b, end + 16, "<I", cd + 1000), "[Errno 22] Invalid argument"),
+    (0, lambda b, lh, cd, end: (_put(b, lh + 6, "<H", 0x800), _put(b, cd + 8, "<H", 0x800),
+                                b.__setitem__(lh + 30 + 1, 0xFF)),
+     "'utf-8' codec can't decode byte 0xff in position 1: invalid start byte"),
+    (12, lambda b, lh, cd, end: b.__setitem__(slice(lh + 34, lh + 37), b"XXX"), "Invalid data stream"),  # bzip2
+    (8, lambda b, lh, cd, end: b.__setitem__(lh + 34, 0xFF), "Error -3 while decompressing data: invalid block type"),
+    (14, lambda b, lh, cd, end: b.__setitem__(slice(lh + 43, lh + 47), b"\xff" * 4), "Corrupt input data"),  # lzma
+])
+def test_a_member_that_cannot_be_inflated_is_a_bad_archive(tmp_path, comp, edit, why):
+    """zipfile's own errors and the decompressors' (zlib.error, lzma.LZMAError, bz2's OSError)
+    alike: one BadArchive naming the member, never a traceback."""
+    p = _zip(tmp_path, comp, edit=edit)
+    with pytest.raises(safeio.BadArchive) as exc:
+        _member(p, 10_000, shown="pkg.whl")
+    assert (exc.value.path, exc.value.reason) == (Path("pkg.whl:a.py"), f"cannot be inflated ({why})")
+
+
 # ----------------------------------------------------------------------------- writes
 def test_write_new_at_never_overwrites_nor_follows(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY)
