@@ -314,6 +314,17 @@ def test_open_zip_refuses_what_zipfile_cannot_open(tmp_path, edit, why):
     assert (exc.value.path, exc.value.reason) == (p, f"is not a zip archive m3fuse can read ({why})")
 
 
+def test_lzma_errors_are_caught_where_lzma_exists(monkeypatch):
+    """On a Python built without lzma (stand-in: the module made unimportable) there is no
+    LZMA error to catch; zipfile refuses such a member with RuntimeError, caught anyway."""
+    import lzma
+    import sys
+
+    assert safeio._lzma_error() == (lzma.LZMAError,)
+    monkeypatch.setitem(sys.modules, "lzma", None)
+    assert safeio._lzma_error() == ()
+
+
 @pytest.mark.parametrize("raised", [OSError(5, "Input/output error"), EOFError("cut"), KeyboardInterrupt()])
 def test_open_zip_closes_its_descriptor_whatever_stops_it(tmp_path, monkeypatch, raised):
     """Stand-in for a disk error (EIO), a file cut while read, and a Ctrl-C while the central
