@@ -43,6 +43,7 @@ from fusion_harness import (
     arm_world,
     build_model,
     flashinfer_norm_modules,
+    installed_aiter,
     load_helper,
     load_model,
     manifest,
@@ -292,6 +293,41 @@ def test_helper_modes_match_float64_reference(fs, world, mode):
                 off = run_helper(st, load_helper(fs), partials, residual, new_norm(weight))
             for (a, ra), (b, rb) in zip(results[tokens], off):
                 assert torch.equal(a, b) and torch.equal(ra, rb)
+
+
+ONE_STAGE_AITER = "0.1.21.post2"  # has ROCm/aiter#4346 (0.1.19.post1+) and gemma_norm
+
+
+@all_rows
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_fused_1stage_runs_the_one_stage_kernel_exactly_where_vllms_rule_admits(fs, world):
+    """The A/B arm `fused-1stage` (issue 23): AITER's fused kernel with use_1stage=True for the
+    calls the release's own `_can_use_aiter_fused_ar_rms` admits (the wrapper's rule: at most
+    80 tokens, its byte cap per TP size), two-stage for the other calls up to 512 tokens, both
+    within bf16 of the float64 reference and never vLLM's own op. Releases without that rule
+    (before 0.30) refuse the arm at construction."""
+    if not fs.upstream_aiter_branch:
+        with installed_aiter(ONE_STAGE_AITER), Stage(fs, SimTP(world), mode="fused-1stage"):
+            with pytest.raises(RuntimeError, match="fused-1stage: this vLLM has no one-stage rule"):
+                load_helper(fs).initialize_m3_aiter_allreduce()
+        return
+    for tokens in (1, 37, 80, 81, 512):
+        partials, residual, weight = make_inputs(world, tokens=tokens, seed=world * 1000 + tokens)
+        ref = reference(partials, residual, weight)
+        with installed_aiter(ONE_STAGE_AITER), Stage(fs, SimTP(world), mode="fused-1stage") as st:
+            helper = load_helper(fs)
+            helper.initialize_m3_aiter_allreduce()
+            norm = new_norm(weight)
+            outs = run_helper(st, helper, partials, residual, norm)
+        assert_matches(outs, ref)
+        admits = _one_stage_fits(world, partials[0])
+        assert admits == (tokens <= 80)  # H=64 bf16 is far under every byte cap: the token cap binds
+        calls = st.ca.calls
+        assert len(calls) == world and norm.calls == 0 and not st.upstream_op_calls
+        gamma = (norm.weight.detach().float() + 1.0).to(torch.bfloat16)
+        for c in calls:
+            assert c["use_1stage"] is admits, (tokens, c["use_1stage"])
+            assert c["registered"] is False and c["eps"] == EPS and torch.equal(c["w"], gamma)
 
 
 @all_rows
