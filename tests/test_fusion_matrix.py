@@ -548,13 +548,14 @@ def test_bad_mode_raises(fs, value):
         helper = load_helper(fs)
         with pytest.raises(ValueError, match=ENV):
             helper.m3_aiter_ar_rms_mode()
-        with pytest.raises(ValueError, match="fused, control, off"):
+        with pytest.raises(ValueError, match="fused, fused-1stage, control, off"):
             helper.initialize_m3_aiter_allreduce()
 
 
 @all_rows
 def test_mode_values(fs):
-    for value, expected in ((None, "fused"), ("fused", "fused"), ("CONTROL", "control"), (" off ", "off")):
+    for value, expected in ((None, "fused"), ("fused", "fused"), ("CONTROL", "control"), (" off ", "off"),
+                            (" Fused-1Stage ", "fused-1stage")):
         with Stage(fs, SimTP(2), mode=value):
             assert load_helper(fs).m3_aiter_ar_rms_mode() == expected
 
