@@ -417,9 +417,10 @@ def test_gemma_scale_is_applied_exactly_once(fs):
     """w = 1 + weight is the scale; passing gemma_norm=True as well would apply it twice: the
     float64 comparison catches that on a flag-aware AITER, the pinned signature refuses it."""
     text = patched_text(fs, HELPER)
-    needle = "        use_1stage=False,\n    )\n    return out, res_out"
+    needle = "        use_1stage=use_1stage,\n    )\n    return out, res_out"
     assert text.count(needle) == 1
-    doubled = text.replace(needle, needle.replace("use_1stage=False,\n", "use_1stage=False,\n        gemma_norm=True,\n"))
+    doubled = text.replace(needle, needle.replace("use_1stage=use_1stage,\n",
+                                                  "use_1stage=use_1stage,\n        gemma_norm=True,\n"))
     partials, residual, weight = make_inputs(2, seed=11)
     ref = reference(partials, residual, weight)
     def run(text, **kw):

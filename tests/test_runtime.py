@@ -723,7 +723,7 @@ def test_3514_is_not_exposed_with_custom_ar_off(aiter, monkeypatch, caplog, fs):
 @all_rows
 def test_citation_names_4346_for_the_fused_kernel(fs):
     text = fh.patched_text(fs, realvllm.HELPER)
-    comment = text[text.index("    # Two-stage kernel only"):text.index("use_1stage=False,\n")]
+    comment = text[text.index("    # fused: the two-stage kernel only"):text.index("use_1stage=use_1stage,\n")]
     assert "ROCm/aiter#4346, first in 0.1.19.post1" in comment
     assert "#3514 is the plain one-stage all-reduce's" in comment
     assert "fixed later in ROCm/aiter#3514" not in text
