@@ -215,6 +215,29 @@ class FakeRocmAiterOps:
         return op
 
 
+# ----------------------------------------------------------------------------- AITER version
+@contextlib.contextmanager
+def installed_aiter(version: str) -> Iterator[None]:
+    """An `amd-aiter` distribution of `version` on sys.path while active: its dist-info is all
+    the helper reads (importlib.metadata, `_m3_aiter_version`; AITER itself is never imported).
+    A context manager, not a fixture: the mutation check calls tests as test(fs, *args)."""
+    import importlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as site:
+        d = os.path.join(site, f"amd_aiter-{version}.dist-info")
+        os.mkdir(d)
+        with open(os.path.join(d, "METADATA"), "w") as f:
+            f.write(f"Metadata-Version: 2.1\nName: amd-aiter\nVersion: {version}\n")
+        sys.path.insert(0, site)
+        importlib.invalidate_caches()
+        try:
+            yield
+        finally:
+            sys.path.remove(site)
+            importlib.invalidate_caches()
+
+
 # ----------------------------------------------------------------------------- stage
 def fp32_sum_ca(tp: SimTP) -> FakeAiterCA:
     """The default AITER stand-in here: the cross-rank sum stays fp32 until the norm."""

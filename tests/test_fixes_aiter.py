@@ -63,7 +63,10 @@ def test_stand_in_signature_is_the_pinned_one(key):
 @pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)
 def test_patched_calls_fit_the_pinned_signature(fs):
     """Every `ca.fused_ar_rms(...)` the patched helper makes binds to the recorded signature
-    (positional count and keyword names), with use_1stage=False and no gemma_norm."""
+    (positional count and keyword names), with no gemma_norm, and use_1stage is the local the
+    function guards with the fused-1stage checks (`one_stage` from the caller's mode and
+    `_m3_one_stage_ready` from construction: False in `fused`; tests/test_fusion_matrix.py runs
+    both arms)."""
     sig = inspect.Signature.from_callable(eval("lambda " + recorded()[("FakeAiterCA", "fused_ar_rms")][1:-1] + ": 0",
                                                {}, {}))  # noqa: S307 - our own record
     tree = ast.parse(patched_text(fs, realvllm.HELPER))
@@ -74,8 +77,14 @@ def test_patched_calls_fit_the_pinned_signature(fs):
         args = [None] * (1 + len(call.args))  # self + the positional arguments
         kwargs = {k.arg: None for k in call.keywords}
         sig.bind(*args, **kwargs)  # TypeError if they do not fit
-        assert ast.literal_eval(next(k.value for k in call.keywords if k.arg == "use_1stage")) is False
+        value = next(k.value for k in call.keywords if k.arg == "use_1stage")
+        assert isinstance(value, ast.Name) and value.id == "use_1stage"
         assert "gemma_norm" not in kwargs
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_m3_aiter_fused_ar_rms")
+    (decided,) = [n.value for n in ast.walk(fn) if isinstance(n, ast.Assign)
+                  and [getattr(t, "id", None) for t in n.targets] == ["use_1stage"]]
+    names = {n.id for n in ast.walk(decided) if isinstance(n, ast.Name)}
+    assert {"one_stage", "_m3_one_stage_ready", "_m3_one_stage_admits"} <= names
 
 
 @pytest.mark.parametrize("fs", ROWS, ids=lambda r: r.name)

@@ -43,6 +43,7 @@ from fusion_harness import (
     arm_world,
     build_model,
     flashinfer_norm_modules,
+    installed_aiter,
     load_helper,
     load_model,
     manifest,
@@ -294,6 +295,41 @@ def test_helper_modes_match_float64_reference(fs, world, mode):
                 assert torch.equal(a, b) and torch.equal(ra, rb)
 
 
+ONE_STAGE_AITER = "0.1.21.post2"  # has ROCm/aiter#4346 (0.1.19.post1+) and gemma_norm
+
+
+@all_rows
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_fused_1stage_runs_the_one_stage_kernel_exactly_where_vllms_rule_admits(fs, world):
+    """The A/B arm `fused-1stage` (issue 23): AITER's fused kernel with use_1stage=True for the
+    calls the release's own `_can_use_aiter_fused_ar_rms` admits (the wrapper's rule: at most
+    80 tokens, its byte cap per TP size), two-stage for the other calls up to 512 tokens, both
+    within bf16 of the float64 reference and never vLLM's own op. Releases without that rule
+    (before 0.30) refuse the arm at construction."""
+    if not fs.upstream_aiter_branch:
+        with installed_aiter(ONE_STAGE_AITER), Stage(fs, SimTP(world), mode="fused-1stage"):
+            with pytest.raises(RuntimeError, match="fused-1stage: this vLLM has no one-stage rule"):
+                load_helper(fs).initialize_m3_aiter_allreduce()
+        return
+    for tokens in (1, 37, 80, 81, 512):
+        partials, residual, weight = make_inputs(world, tokens=tokens, seed=world * 1000 + tokens)
+        ref = reference(partials, residual, weight)
+        with installed_aiter(ONE_STAGE_AITER), Stage(fs, SimTP(world), mode="fused-1stage") as st:
+            helper = load_helper(fs)
+            helper.initialize_m3_aiter_allreduce()
+            norm = new_norm(weight)
+            outs = run_helper(st, helper, partials, residual, norm)
+        assert_matches(outs, ref)
+        admits = _one_stage_fits(world, partials[0])
+        assert admits == (tokens <= 80)  # H=64 bf16 is far under every byte cap: the token cap binds
+        calls = st.ca.calls
+        assert len(calls) == world and norm.calls == 0 and not st.upstream_op_calls
+        gamma = (norm.weight.detach().float() + 1.0).to(torch.bfloat16)
+        for c in calls:
+            assert c["use_1stage"] is admits, (tokens, c["use_1stage"])
+            assert c["registered"] is False and c["eps"] == EPS and torch.equal(c["w"], gamma)
+
+
 @all_rows
 @pytest.mark.parametrize("tokens", [1, 64, 200])
 def test_off_is_bitwise_the_pristine_helper(fs, tokens):
@@ -381,9 +417,10 @@ def test_gemma_scale_is_applied_exactly_once(fs):
     """w = 1 + weight is the scale; passing gemma_norm=True as well would apply it twice: the
     float64 comparison catches that on a flag-aware AITER, the pinned signature refuses it."""
     text = patched_text(fs, HELPER)
-    needle = "        use_1stage=False,\n    )\n    return out, res_out"
+    needle = "        use_1stage=use_1stage,\n    )\n    return out, res_out"
     assert text.count(needle) == 1
-    doubled = text.replace(needle, needle.replace("use_1stage=False,\n", "use_1stage=False,\n        gemma_norm=True,\n"))
+    doubled = text.replace(needle, needle.replace("use_1stage=use_1stage,\n",
+                                                  "use_1stage=use_1stage,\n        gemma_norm=True,\n"))
     partials, residual, weight = make_inputs(2, seed=11)
     ref = reference(partials, residual, weight)
     def run(text, **kw):
@@ -512,13 +549,14 @@ def test_bad_mode_raises(fs, value):
         helper = load_helper(fs)
         with pytest.raises(ValueError, match=ENV):
             helper.m3_aiter_ar_rms_mode()
-        with pytest.raises(ValueError, match="fused, control, off"):
+        with pytest.raises(ValueError, match="fused, fused-1stage, control, off"):
             helper.initialize_m3_aiter_allreduce()
 
 
 @all_rows
 def test_mode_values(fs):
-    for value, expected in ((None, "fused"), ("fused", "fused"), ("CONTROL", "control"), (" off ", "off")):
+    for value, expected in ((None, "fused"), ("fused", "fused"), ("CONTROL", "control"), (" off ", "off"),
+                            (" Fused-1Stage ", "fused-1stage")):
         with Stage(fs, SimTP(2), mode=value):
             assert load_helper(fs).m3_aiter_ar_rms_mode() == expected
 

@@ -77,13 +77,13 @@ MUTANTS: list[Mutant] = [
            "                # to the next stage must carry reduced hidden states.\n                pass\n",
            ((rv.test_the_pp_hand_off_sends_the_releases_values, ()),),
            applies=lambda r: r.has_pp),
-    Mutant("use-1stage-true", HELPER, "        use_1stage=False,\n    )", "        use_1stage=True,\n    )",
+    Mutant("use-1stage-true", HELPER, "        use_1stage=use_1stage,\n    )", "        use_1stage=True,\n    )",
            ((tm.test_aiter_call_arguments_and_registered_follows_capture, ()),
             (tm.test_helper_modes_match_float64_reference, (2, "fused")))),
     Mutant("w-is-weight-not-weight-plus-1", HELPER, "        w=gamma,\n", "        w=norm.weight,\n",
            ((tm.test_helper_modes_match_float64_reference, (2, "fused")),)),
-    Mutant("gemma-offset-applied-twice", HELPER, "        use_1stage=False,\n    )",
-           "        use_1stage=False,\n        gemma_norm=True,\n    )",
+    Mutant("gemma-offset-applied-twice", HELPER, "        use_1stage=use_1stage,\n    )",
+           "        use_1stage=use_1stage,\n        gemma_norm=True,\n    )",
            ((tm.test_helper_modes_match_float64_reference, (4, None)),)),
     Mutant("deferral-on-at-pp2", HELPER, PP_CLAUSE, "",
            ((tm.test_deferral_predicate, ("control", 2, 2, 1, False)),
@@ -251,9 +251,9 @@ MUTANTS += [
            "            (M3_AITER_MAX_TOKENS, M3_RUNS_AITER_2STAGE),\n", "            (None, M3_RUNS_AITER_2STAGE),\n",
            ((fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused", True, False, 600)),)),
     Mutant("mxfp8-handed-to-fused-above-512", HELPER,
-           '            if m3_mode == "fused" and _m3_fused_gamma(\n                hidden_states, residual, norm\n'
+           '            if m3_mode in _M3_FUSED_MODES and _m3_fused_gamma(\n                hidden_states, residual, norm\n'
            '            ) is not None:\n',
-           '            if m3_mode == "fused":\n',
+           '            if m3_mode in _M3_FUSED_MODES:\n',
            ((fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused", True, True, 600)),),
            applies=MXFP8),
     Mutant("record-mxfp8-boundary-count-as-plain-norm", HELPER, "    return {k: plain.get(v, v) for k, v in runs.items()}\n",
@@ -262,7 +262,7 @@ MUTANTS += [
             (tm.test_mxfp8_norms_never_take_a_partial, ("control",))),
            applies=MXFP8),
     Mutant("control-mxfp8-step-drops-the-quant-epilogue", HELPER,
-           '            if m3_mode == "fused" and _m3_fused_gamma(\n',
+           '            if m3_mode in _M3_FUSED_MODES and _m3_fused_gamma(\n',
            '            if m3_mode != "off" or _m3_fused_gamma(\n',
            ((tm.test_mxfp8_norms_never_take_a_partial, ("control",)),
             (fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("control", True, True, 8))),
@@ -271,6 +271,43 @@ MUTANTS += [
            ((fre.test_mono_requested_but_refused_says_why_after_vllm_decided, (2, "TP 2 != 4")),
             (tm.test_mono_decode_turns_deferral_off, ())),
            applies=lambda r: r.mono_decode),
+]
+
+
+# Issue 23, item 5: the explicit one-stage A/B arm (fused-1stage).
+MUTANTS += [
+    Mutant("one-stage-without-rocm-aiter-4346", HELPER, '    if "ROCm/aiter#4346" in defects:\n        return (\n',
+           "    if False:\n        return (\n",
+           ((fre.test_fused_1stage_refused_without_rocm_aiter_4346,
+             ("0.1.18", "AITER 0.1.18 lacks the fused one-stage kernel's exit barrier")),),
+           applies=UPSTREAM),
+    Mutant("one-stage-with-an-unknown-aiter", HELPER, "    if defects is None:\n        have = ",
+           "    if defects is None:\n        return None\n        have = ",
+           ((fre.test_fused_1stage_refused_without_rocm_aiter_4346,
+             (None, "the installed AITER's version is unknown")),),
+           applies=UPSTREAM),
+    Mutant("one-stage-above-vllms-size-rule", HELPER,
+           "        one_stage and _m3_one_stage_ready and _m3_one_stage_admits(hidden_states)\n",
+           "        one_stage and _m3_one_stage_ready\n",
+           ((tm.test_fused_1stage_runs_the_one_stage_kernel_exactly_where_vllms_rule_admits, (4,)),
+            (fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused-1stage", True, False, 200))),
+           applies=UPSTREAM),
+    # (one_stage=True in plain fused is not planted: _m3_one_stage_ready, set only when
+    # construction checked fused-1stage, keeps it two-stage; the "use-1stage-true" mutant
+    # plants the kernel choice itself.)
+    Mutant("one-stage-arm-runs-two-stage", HELPER, "one_stage=m3_mode == M3_MODE_1STAGE", "one_stage=False",
+           ((fre.test_fused_1stage_record_names_both_kernels_by_vllms_rule, ()),
+            (tm.test_fused_1stage_runs_the_one_stage_kernel_exactly_where_vllms_rule_admits, (2,))),
+           applies=UPSTREAM),
+    Mutant("one-stage-arm-on-a-release-without-the-rule", HELPER,
+           "    if not _m3_vllm_passes_gemma_norm():\n        return (\n            \"this vLLM has no one-stage rule",
+           "    if False:\n        return (\n            \"this vLLM has no one-stage rule",
+           ((tm.test_fused_1stage_runs_the_one_stage_kernel_exactly_where_vllms_rule_admits, (2,)),),
+           applies=lambda r: not r.upstream_aiter_branch),
+    Mutant("record-one-stage-bucket-missing", HELPER, "            (one, M3_RUNS_AITER_1STAGE),\n", "",
+           ((fre.test_fused_1stage_record_names_both_kernels_by_vllms_rule, ()),
+            (fre.test_the_record_names_what_ran_per_boundary_and_bucket, ("fused-1stage", True, False, 8))),
+           applies=UPSTREAM),
 ]
 
 

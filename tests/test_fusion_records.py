@@ -16,41 +16,25 @@ communicator's wrapper: at TP 2 up to 80 tokens).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
-import sys
 import tempfile
 
 import pytest
 import torch
 
-from fusion_harness import Stage, ToyConfig, build_model, load_model, run_forward
+from fusion_harness import Stage, ToyConfig, build_model, installed_aiter, load_model, run_forward
 from fusion_matrix import rows_where
 from fusion_standins import FakeAiterCAGemma, SimTP
 
 MODERN_AITER = "0.1.21.post2"
-KINDS = ("aiter-2stage", "vllm-aiter-1stage", "all-reduce+norm", "all-reduce+mxfp8-norm")
+KINDS = ("aiter-1stage", "aiter-2stage", "vllm-aiter-1stage", "all-reduce+norm", "all-reduce+mxfp8-norm")
 
 
-@contextlib.contextmanager
 def modern_aiter():
-    """An `amd-aiter` distribution of MODERN_AITER on sys.path while active (its dist-info is
-    all importlib.metadata reads). A context manager, not a fixture: the mutation check calls
-    these tests as test(fs, *args)."""
-    with tempfile.TemporaryDirectory() as site:
-        d = os.path.join(site, f"amd_aiter-{MODERN_AITER}.dist-info")
-        os.mkdir(d)
-        with open(os.path.join(d, "METADATA"), "w") as f:
-            f.write(f"Metadata-Version: 2.1\nName: amd-aiter\nVersion: {MODERN_AITER}\n")
-        sys.path.insert(0, site)
-        importlib.invalidate_caches()
-        try:
-            yield
-        finally:
-            sys.path.remove(site)
-            importlib.invalidate_caches()
+    """An `amd-aiter` distribution of MODERN_AITER on sys.path while active."""
+    return installed_aiter(MODERN_AITER)
 
 
 def bucket(runs: dict[str, str], tokens: int) -> str:
@@ -106,8 +90,10 @@ def run_model(fs, mode: str, tokens: int, **stage_kw):
 
 def counted(st: Stage) -> dict[str, int]:
     """What the harness saw run on rank 0, by kind (the helper's all-reduces are `comm-op`)."""
+    ca_calls = [c for c in st.ca.calls if c["rank"] == 0] if st.ca is not None else []
     return {
-        "aiter-2stage": sum(1 for c in st.ca.calls if c["rank"] == 0) if st.ca is not None else 0,
+        "aiter-1stage": sum(1 for c in ca_calls if c["use_1stage"] is True),
+        "aiter-2stage": sum(1 for c in ca_calls if c["use_1stage"] is False),
         "vllm-aiter-1stage": sum(1 for c in st.upstream_op_calls if c["rank"] == 0),
         "all-reduce": st.reduce_log.count("comm-op"),
         "mxfp8-post": st.mxfp8_calls.count("post"),
@@ -117,10 +103,11 @@ def counted(st: Stage) -> dict[str, int]:
 def _cases():
     out = []
     for r in rows_where(lambda r: True):
-        for mode in ("fused", "control", "off"):
+        for mode in ("fused", "fused-1stage", "control", "off"):
             for custom_ar in (True, False):
                 for mxfp8 in ((False, True) if r.mxfp8_norms else (False,)):
-                    for tokens in (8, 600):
+                    # fused-1stage: one-stage (8), two-stage (200), neither (600)
+                    for tokens in ((8, 200, 600) if mode == "fused-1stage" else (8, 600)):
                         out.append(pytest.param(r, mode, custom_ar, mxfp8, tokens, id=(
                             f"{r.name}-{mode}-{'car' if custom_ar else 'nocar'}-"
                             f"{'mxfp8' if mxfp8 else 'bf16'}-{tokens}")))
@@ -130,9 +117,14 @@ def _cases():
 @pytest.mark.parametrize("fs,mode,custom_ar,mxfp8,tokens", _cases())
 def test_the_record_names_what_ran_per_boundary_and_bucket(fs, mode, custom_ar, mxfp8, tokens):
     kw = dict(aiter_custom_ar_env=custom_ar, mxfp8=mxfp8)
-    if mode == "fused" and not custom_ar and fs.aiter_api == "wrapper":
+    if mode in ("fused", "fused-1stage") and not custom_ar and fs.aiter_api == "wrapper":
         # 0.25+: no AITER communicator without the custom all-reduce: fused refuses, naming it
         with modern_aiter(), pytest.raises(RuntimeError, match="VLLM_ROCM_USE_AITER_CUSTOM_AR=1"):
+            run_model(fs, mode, tokens, **kw)
+        return
+    if mode == "fused-1stage" and not fs.upstream_aiter_branch:
+        # before 0.30 vLLM has no one-stage rule of its own: the arm is refused at construction
+        with modern_aiter(), pytest.raises(RuntimeError, match="fused-1stage: this vLLM has no one-stage rule"):
             run_model(fs, mode, tokens, **kw)
         return
     with modern_aiter():
@@ -147,6 +139,7 @@ def test_the_record_names_what_ran_per_boundary_and_bucket(fs, mode, custom_ar, 
         assert "mxfp8_post_norm" not in runs
     assert kinds <= set(KINDS), record
     seen = counted(st)
+    assert (seen["aiter-1stage"] > 0) == ("aiter-1stage" in kinds), (record, seen)
     assert (seen["aiter-2stage"] > 0) == ("aiter-2stage" in kinds), (record, seen)
     assert (seen["vllm-aiter-1stage"] > 0) == ("vllm-aiter-1stage" in kinds), (record, seen)
     plain = {"all-reduce+norm", "all-reduce+mxfp8-norm"}
@@ -155,7 +148,9 @@ def test_the_record_names_what_ran_per_boundary_and_bucket(fs, mode, custom_ar, 
     if mxfp8 and mx != "all-reduce+mxfp8-norm":
         assert seen["mxfp8-post"] == 0
     # the one log line per rank says the same buckets
-    text = ", ".join(f"{k} {v}" for k, v in runs["norm"].items())
+    # (the JSON record's keys are sorted; the line keeps the buckets in token order)
+    ordered = sorted(runs["norm"].items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))
+    text = ", ".join(f"{k} {v}" for k, v in ordered)
     assert lines and all(f"; norm boundaries: {text}" in ln for ln in lines), lines
 
 
@@ -189,3 +184,34 @@ def test_mono_requested_but_refused_says_why_after_vllm_decided(fs, world, why):
     assert record["deferral"] is False and record["deferral_reason"] == f"mono decode requested (refused: {why})"
     assert defer == [False] * world
     assert any(f"; mono decode refused: {why}; " in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("fs", rows_where(lambda r: r.upstream_aiter_branch), ids=lambda r: r.name)
+def test_fused_1stage_record_names_both_kernels_by_vllms_rule(fs):
+    """0.30+, a modern AITER, `fused-1stage` at TP 2: the one-stage kernel up to vLLM's rule's
+    limit (TP 2: 80 tokens, read from the wrapper), the two-stage one up to 512, and the record
+    and the calls say so (the one-stage calls are every boundary of an 8-token batch)."""
+    with modern_aiter():
+        st, record, lines = run_model(fs, "fused-1stage", 8)
+    runs = {"1-80": "aiter-1stage", "81-512": "aiter-2stage", "513+": "all-reduce+norm"}
+    assert record["boundaries"]["norm"] == runs and record["mode"] == "fused-1stage"
+    assert record["aiter_fused_path"] == "ready" and record["deferral"] is True
+    seen = counted(st)
+    assert seen["aiter-1stage"] > 0 and seen["aiter-2stage"] == 0 and seen["vllm-aiter-1stage"] == 0
+    assert lines and all("norm boundaries: 1-80 aiter-1stage, 81-512 aiter-2stage, 513+ all-reduce+norm" in ln
+                         for ln in lines), lines
+
+
+@pytest.mark.parametrize("fs", rows_where(lambda r: r.upstream_aiter_branch), ids=lambda r: r.name)
+@pytest.mark.parametrize("aiter,why", [
+    ("0.1.18", "AITER 0.1.18 lacks the fused one-stage kernel's exit barrier"),
+    (None, "the installed AITER's version is unknown"),
+])
+def test_fused_1stage_refused_without_rocm_aiter_4346(fs, aiter, why):
+    """`fused-1stage` needs an AITER known to have ROCm/aiter#4346 (0.1.19.post1+): an older
+    one, or one whose version cannot be read, is refused at construction, naming it and the
+    `fused` fallback; nothing one-stage runs."""
+    ctx = installed_aiter(aiter) if aiter else contextlib.nullcontext()
+    with ctx, pytest.raises(RuntimeError, match=why) as err:
+        run_model(fs, "fused-1stage", 8)
+    assert "M3_AITER_AR_RMS_MODE=fused (two-stage only)" in str(err.value)

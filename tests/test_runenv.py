@@ -242,3 +242,29 @@ def test_unknown_arm_format_and_a_python_that_is_not_python(release, tmp_path):
     assert r.returncode == 5 and str(notpy) in r.stderr and "--python" in r.stderr and r.stdout == ""
     r = run_cli("env", "fused", "--python", str(tmp_path / "nope"))
     assert r.returncode == 5 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("version,aiter,code,says", [
+    # 0.33.0 with an AITER that has ROCm/aiter#4346: printed, the mode the only difference from fused
+    ("0.33.0", "0.1.21.post2", 0, "ROCm/aiter#4888"),
+    ("0.33.0", "0.1.19.post1+rocm7.1", 0, "ROCm/aiter#4888"),
+    # refused where the patched model would refuse it at construction, nothing printed
+    ("0.33.0", "0.1.18", 5, "AITER 0.1.18 is not known to have ROCm/aiter#4346"),
+    ("0.33.0", None, 5, "no amd-aiter dist-info"),
+    ("0.26.0", "0.1.21.post2", 3, "has no one-stage rule of its own"),
+])
+def test_the_one_stage_arm_is_printed_only_where_the_patched_model_takes_it(release, version, aiter, code, says):
+    root = release(version, patched=True)
+    if aiter:
+        fake_aiter(root, aiter)
+    r = env_of(root, "fused-1stage")
+    assert r.returncode == code, r.stdout + r.stderr
+    assert says in r.stderr
+    if code:
+        assert r.stdout == "" and "hint: " in r.stderr and "m3fuse env fused" in r.stderr
+        return
+    pairs = printed_pairs(r.stdout)
+    assert bash_eval(r.stdout) == pairs and pairs[MODE] == "fused-1stage"
+    fused = printed_pairs(env_of(root, "fused").stdout)
+    assert {k for k in pairs if pairs[k] != fused.get(k)} | (set(fused) - set(pairs)) == {MODE}
+    assert pairs[CUSTOM_AR] == "1"  # the fused kernel needs AITER's custom all-reduce

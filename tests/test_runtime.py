@@ -723,7 +723,7 @@ def test_3514_is_not_exposed_with_custom_ar_off(aiter, monkeypatch, caplog, fs):
 @all_rows
 def test_citation_names_4346_for_the_fused_kernel(fs):
     text = fh.patched_text(fs, realvllm.HELPER)
-    comment = text[text.index("    # Two-stage kernel only"):text.index("use_1stage=False,\n")]
+    comment = text[text.index("    # fused: the two-stage kernel only"):text.index("use_1stage=use_1stage,\n")]
     assert "ROCm/aiter#4346, first in 0.1.19.post1" in comment
     assert "#3514 is the plain one-stage all-reduce's" in comment
     assert "fixed later in ROCm/aiter#3514" not in text
@@ -951,6 +951,43 @@ def test_env_turns_custom_ar_off_exactly_where_the_patch_refuses_off(patched_rel
         construct(fs, s, monkeypatch)
         decided[version] = refused
     assert decided == {PINNED: True, "0.1.17": True, "0.1.18": True, "0.1.19.post1": False}
+
+
+@all_rows
+def test_env_prints_the_one_stage_arm_exactly_where_the_patched_model_takes_it(patched_release, aiter,
+                                                                             monkeypatch, fs):
+    """`m3fuse env fused-1stage` (issue 23, item 5) for each AITER generation and a modern one:
+    it prints settings iff the patched model accepts the arm at construction (vLLM 0.30+ and
+    ROCm/aiter#4346); where it prints, the model constructs with them on 8 ranks and its forward
+    runs AITER's one-stage kernel for an 8-token batch; where it refuses (exit 3 or 5, nothing
+    printed), the model refuses the arm too, naming it."""
+    root = patched_release(fs.version)
+    dist = root / f"amd_aiter-{PINNED}.dist-info"
+    printed = {}
+    for version, ca_cls in AITER_GENERATIONS + [("0.1.21.post2", FakeAiterCAGemma)]:
+        dist = dist.rename(root / f"amd_aiter-{version}.dist-info")
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: amd-aiter\nVersion: {version}\n\n")
+        r = run_cli("env", "fused-1stage", "--format", "json", "--vllm-root", str(root))
+        aiter(version)
+        printed[version] = r.returncode == 0
+        if r.returncode:
+            assert r.returncode in (3, 5) and json.loads(r.stdout)["ok"] is False, r.stdout
+            s = Setup(mode="fused-1stage", tp=8, ca_cls=ca_cls)
+            with pytest.raises(RuntimeError, match="M3_AITER_AR_RMS_MODE=fused-1stage: "):
+                construct(fs, s, monkeypatch)
+            continue
+        s = replace(setup_from_env(json.loads(r.stdout)["env"]), ca_cls=ca_cls)
+        assert s.mode == "fused-1stage" and s.custom_ar
+        with built(fs, s, monkeypatch) as b:
+            world = b.world
+            outs = b.tp.run(lambda r: fh.run_forward(world, fh.build_model(world, fh.ToyConfig()),
+                                                     _embeds(fh.ToyConfig().hidden_size), fs))
+            assert all(torch.equal(o, outs[0]) for o in outs)
+            stages = {c["use_1stage"] for c in b.stage.ca.calls}
+            assert stages == {True} and not b.stage.upstream_op_calls
+    modern = {v: fs.upstream_aiter_branch for v in ("0.1.19.post1", "0.1.21.post2")}
+    assert printed == {PINNED: False, "0.1.17": False, "0.1.18": False, **modern}
+
 
 def _embeds(h: int, tokens: int = 8, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.randn(tokens, h, generator=torch.Generator().manual_seed(42)).to(dtype)

@@ -5,7 +5,8 @@ The AITER switches are read from the target's own `vllm/envs.py` (the keys of it
 gets exactly the switches it defines. Every arm turns AITER on (`VLLM_ROCM_USE_AITER=1`) and
 every other AITER kernel off, except the custom all-reduce the fused kernel needs; the arms
 then differ only in `M3_AITER_AR_RMS_MODE`, and `off` also where it must to run at all (see
-`_off_needs_custom_ar_off`).
+`_off_needs_custom_ar_off`). `fused-1stage` (an A/B arm, never the default) is printed only where
+the patched model accepts it: vLLM 0.30.0+ and an AITER known to have ROCm/aiter#4346.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 
 from . import defects as aiter_defects
 from .. import pysource, safeio
-from ..errors import DriftError, EnvironmentProblem, NotPatched, UnsupportedError
+from ..errors import DriftError, EnvironmentProblem, M3fuseError, NotPatched, UnsupportedError
 from ..patching import engine
 
-FUSED, CONTROL, OFF = "fused", "control", "off"
-ARMS = (FUSED, CONTROL, OFF)
+FUSED, FUSED_1STAGE, CONTROL, OFF = "fused", "fused-1stage", "control", "off"
+ARMS = (FUSED, FUSED_1STAGE, CONTROL, OFF)
 FORMATS = ("sh", "docker", "json")
 
 MODE_VAR = "M3_AITER_AR_RMS_MODE"
@@ -193,6 +194,36 @@ def _off_needs_custom_ar_off(root: Path, aiter_version: str | None, notes: list[
     return True
 
 
+# What the one-stage arm runs, and the open defect it exposes (docs/fusion.md, "fused-1stage").
+ONE_STAGE_NOTE = (
+    "fused-1stage: an A/B arm, never the default. AITER's one-stage fused kernel runs where vLLM's "
+    "own rule admits the call (hidden 6144 bf16: TP8 up to 10 tokens, TP4 up to 21, TP2 up to 80), "
+    "the two-stage one up to 512 tokens; the run record's boundaries say which ran (aiter-1stage). "
+    "ROCm/aiter#4888 (open): on gfx942 (MI300X/MI325X) the one-stage kernel can return a wrong "
+    "result on the first cold graph replay (after start or idle), silently; vLLM ships no fix (its "
+    "own op picks one-stage by size alone) and vLLM #52150 reports "
+    "--compilation-config '{\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}' as its workaround.")
+
+
+def _one_stage_arm_refusal(root: Path, aiter_version: str | None) -> M3fuseError | None:
+    """Why the patched model would refuse `fused-1stage` here (initialize_m3_aiter_allreduce's
+    _m3_one_stage_blocker), as the error `m3fuse env` raises instead of printing; None: it runs."""
+    branch = has_one_stage_branch(root)
+    fallback = f"use `m3fuse env {FUSED}` (two-stage only)"
+    if branch is not True:
+        why = ("has no one-stage rule of its own (_can_use_aiter_fused_ar_rms, vLLM 0.30.0+)" if branch is False
+               else "cannot be parsed, so vLLM's one-stage rule cannot be confirmed")
+        return UnsupportedError(f"m3fuse env {FUSED_1STAGE}: nothing printed; {root / HELPER} {why}, so the "
+                                f"patched model refuses this arm at construction.", hint=fallback)
+    if aiter_version is None or "ROCm/aiter#4346" in {d.id for d in aiter_defects.affecting(aiter_version)}:
+        have = f"AITER {aiter_version}" if aiter_version else f"no amd-aiter dist-info in {root}, so the AITER"
+        return EnvironmentProblem(
+            f"m3fuse env {FUSED_1STAGE}: nothing printed; {have} is not known to have ROCm/aiter#4346 (the fused "
+            f"one-stage kernel's exit barrier, first in 0.1.19.post1), so the patched model refuses this arm at "
+            f"construction.", hint=f"install AITER 0.1.19.post1 or later, or {fallback}")
+    return None
+
+
 def _ray_value(environ: Mapping[str, str], notes: list[str]) -> str:
     # vLLM splits on commas and adds to its defaults (ray_env.py _parse_csv); entries the user
     # already named are kept, first.
@@ -221,6 +252,11 @@ def arm_env(arm: str, tree: engine.TreeState, environ: Mapping[str, str] = os.en
     if arm != OFF:
         refuse_unless_patched(tree, arm)
     out = ArmEnv(arm, {MODE_VAR: arm}, aiter_version=aiter_defects.dist_version(root))
+    if arm == FUSED_1STAGE:
+        refusal = _one_stage_arm_refusal(root, out.aiter_version)
+        if refusal is not None:
+            raise refusal
+        out.notes.append(ONE_STAGE_NOTE)
     if arm == OFF and tree.state != engine.PATCHED:
         out.notes.append(f"vLLM at {root} is {tree.state}: off runs upstream code, so these settings hold "
                          f"without the patches.")
