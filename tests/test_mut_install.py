@@ -108,3 +108,36 @@ def test_the_import_path_of_this_interpreter_and_of_a_venv(venv):
     assert own and path == (list(sys.path) if sys.flags.safe_path else sys.path[1:])
     vpath, vown = install._import_path(str(venv))
     assert not vown and vpath[0].endswith("site-packages") and Path(vpath[0]).is_dir()
+
+
+def test_a_venvs_import_path_follows_its_pth_files(tmp_path):
+    py = wheelkit.make_venv(tmp_path / "venv")
+    site = Path(install._import_path(str(py))[0][0])
+    (tmp_path / "extra1").mkdir()
+    (tmp_path / "extra2").mkdir()
+    (site / "a.pth").write_text(f"# a comment\n\n{tmp_path / 'extra1'}\nimport os\n{tmp_path / 'missing'}\n"
+                                f"{tmp_path / 'extra1'}\n{tmp_path / 'extra2'}\n")
+    path, own = install._import_path(str(py))
+    assert not own and path == [str(site), str(tmp_path / "extra1"), str(tmp_path / "extra2")]
+
+
+def test_break_system_packages_only_when_asked(tmp_path):
+    py = wheelkit.make_system_python(tmp_path / "sys", externally_managed=True)
+    whl = wheelkit.build_wheel(tmp_path / "w", "managed-demo", "1.0")
+    with pytest.raises(PipFailed) as exc:
+        pip_install(str(py), [(whl, _sha(whl))])
+    assert "externally" in exc.value.output.lower()
+    pip_install(str(py), [(whl, _sha(whl))], break_system_packages=True)
+    assert wheelkit.installed(py, "managed-demo") == "1.0"
+
+
+def test_a_pip_failure_mid_install_names_what_it_got_through(venv, tmp_path):
+    whl = wheelkit.build_wheel(tmp_path, "conflict-demo", "1.0", {"conflict_demo.py": "x = 1\n"})
+    site = Path(probe(str(venv), ["pip"])["dists"]["pip"]["root"])
+    (site / "conflict_demo.py").mkdir()  # a folder where the wheel puts its module: pip fails writing it
+    try:
+        with pytest.raises(PipFailed) as exc:
+            pip_install(str(venv), [(whl, _sha(whl))])
+    finally:
+        (site / "conflict_demo.py").rmdir()
+    assert exc.value.order == ["conflict-demo"]
