@@ -115,7 +115,8 @@ def test_a_venvs_import_path_follows_its_pth_files(tmp_path):
     site = Path(install._import_path(str(py))[0][0])
     (tmp_path / "extra1").mkdir()
     (tmp_path / "extra2").mkdir()
-    (site / "a.pth").write_text(f"# a comment\n\n{tmp_path / 'extra1'}\nimport os\n{tmp_path / 'missing'}\n"
+    (site / "#c").mkdir()  # a comment line is never a folder, even where one has that name
+    (site / "a.pth").write_text(f"#c\n\n{tmp_path / 'extra1'}\nimport os\n{tmp_path / 'missing'}\n"
                                 f"{tmp_path / 'extra1'}\n{tmp_path / 'extra2'}\n")
     path, own = install._import_path(str(py))
     assert not own and path == [str(site), str(tmp_path / "extra1"), str(tmp_path / "extra2")]
