@@ -66,6 +66,9 @@ def test_check_on_a_stale_set_reports_it_and_writes_nothing(patches, source):
     outcomes = refresh(patches, source)
     assert sorted(o.name for o in outcomes if o.changed) == changed
     assert not (patches / BASE / portfs.MARKER).exists()
+    from test_lineage import patched_model
+
+    assert all(b"# a base fix\n" in patched_model(patches, n) for n in changed)  # re-derived, not re-recorded
     assert not [o.name for o in refresh(patches, source, check=True) if o.changed]
 
 
@@ -104,6 +107,8 @@ def test_record_writes_only_the_resolutions_a_merge_needs(patches, source):
     assert sorted(p.relative_to(patches) for p in patches.glob("*/*.resolution.diff")) == \
         sorted(recorded + [Path(BASE) / "model.py.resolution.diff"])
     assert {o.name for o in outcomes if o.changed} == {str(p.parent) for p in recorded}
+    bases = {f["ported_from"] for o in outcomes for f in o.files}
+    assert BASE in bases and "" not in bases
     # Recording again changes nothing; a resolution no longer needed is removed.
     assert not [o for o in refresh(patches, source, record=True) if o.changed]
 
@@ -222,6 +227,22 @@ def test_hunks_are_found_in_order_never_before_the_last_one():
 
 
 # ----------------------------------------------------------------------------- small parts
+def test_the_merge_label_names_a_sets_first_release():
+    import dataclasses
+
+    s = dataclasses.replace(load_patchset(PATCHES / "vllm-0.28.0"), vllm_versions=("0.28.0", "0.28.1"))
+    assert merge_label(s) == "vLLM 0.28.0"
+
+
+def test_exchange_with_relative_paths(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    lineage._exchange(Path("a"), Path("b"))  # resolved from the current folder (AT_FDCWD)
+    assert (tmp_path / "b" / "x").exists()
+
+
 def test_names_labels_and_outcomes():
     assert resolution_name("vllm/a/b/model.py") == "model.py.resolution.diff" == "model.py" + lineage.RESOLUTION_SUFFIX
     s = load_patchset(PATCHES / "vllm-0.28.0")
