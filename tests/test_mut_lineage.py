@@ -309,3 +309,33 @@ def test_the_cli_json_of_a_refresh(patches, wheels, tmp_path):
     assert r.returncode == 0, r.stderr
     body = json.loads(r.stdout)
     assert body["mode"] == "refresh" and all(not o["changed"] for o in body["sets"])
+
+
+def test_a_swap_that_fails_leaves_the_old_set_unmarked_and_no_stage(tmp_path, monkeypatch):
+    from m3fuse.errors import EnvironmentProblem
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "old").write_bytes(b"o")
+
+    def no_swap(a, b):
+        raise EnvironmentProblem("no renameat2 here")
+
+    monkeypatch.setattr(lineage, "_exchange", no_swap)
+    with pytest.raises(EnvironmentProblem):
+        lineage.replace_set(folder, {"new": b"n"}, lambda _p: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    assert sorted(p.name for p in folder.iterdir()) == ["old"]  # no marker left in the live set
+
+
+def test_unresolved_conflicts_are_named_by_their_line(patches, source):
+    (patches / "vllm-0.30.0" / "model.py.resolution.diff").unlink()
+    sets = load_all(patches, parse=True)
+    by_name = {s.name: s for s in sets}
+    s = by_name["vllm-0.30.0"]
+    t = next(t for t in s.targets if t.path == realvllm.MODEL)
+    merged = lineage.merged_from_base(s, t, by_name[t.ported_from], source).merged.decode().splitlines()
+    with pytest.raises(MergeConflict) as exc:
+        lineage.derive(s, by_name, source)
+    lines = [int(v.split()[1]) for k, v in exc.value.details]
+    assert lines and all(merged[n - 1].startswith(("<<<<<<<", "|||||||", "=======", ">>>>>>>")) for n in lines)
