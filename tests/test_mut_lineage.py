@@ -339,3 +339,15 @@ def test_unresolved_conflicts_are_named_by_their_line(patches, source):
         lineage.derive(s, by_name, source)
     lines = [int(v.split()[1]) for k, v in exc.value.details]
     assert lines and all(merged[n - 1].startswith(("<<<<<<<", "|||||||", "=======", ">>>>>>>")) for n in lines)
+
+
+def test_a_bad_reference_after_a_hand_written_file_is_still_refused(patches):
+    m = patches / "vllm-0.30.0" / "manifest.toml"
+    text = m.read_text()
+    first = text.index('ported-from = "', text.index("[[files]]"))
+    end = text.index("\n", first) + 1
+    text = text[:first] + text[end:]  # the first file: hand-written in this set
+    cut = text.rindex('ported-from = "vllm-0.26.0"')
+    m.write_text(text[:cut] + 'ported-from = "vllm-9"\n')
+    with pytest.raises(PatchSetError, match="ported-from names a set that does not exist"):
+        derived_in_order(load_all(patches))
