@@ -108,3 +108,75 @@ def test_the_import_path_of_this_interpreter_and_of_a_venv(venv):
     assert own and path == (list(sys.path) if sys.flags.safe_path else sys.path[1:])
     vpath, vown = install._import_path(str(venv))
     assert not vown and vpath[0].endswith("site-packages") and Path(vpath[0]).is_dir()
+
+
+def test_a_venvs_import_path_follows_its_pth_files(tmp_path):
+    py = wheelkit.make_venv(tmp_path / "venv")
+    site = Path(install._import_path(str(py))[0][0])
+    (tmp_path / "extra1").mkdir()
+    (tmp_path / "extra2").mkdir()
+    (site / "#c").mkdir()  # a comment line is never a folder, even where one has that name
+    (site / "a.pth").write_text(f"#c\n\n{tmp_path / 'extra1'}\nimport os\n{tmp_path / 'missing'}\n"
+                                f"{tmp_path / 'extra1'}\n{tmp_path / 'extra2'}\n")
+    path, own = install._import_path(str(py))
+    assert not own and path == [str(site), str(tmp_path / "extra1"), str(tmp_path / "extra2")]
+
+
+def test_break_system_packages_only_when_asked(tmp_path):
+    py = wheelkit.make_system_python(tmp_path / "sys", externally_managed=True)
+    whl = wheelkit.build_wheel(tmp_path / "w", "managed-demo", "1.0")
+    with pytest.raises(PipFailed) as exc:
+        pip_install(str(py), [(whl, _sha(whl))])
+    assert "externally" in exc.value.output.lower()
+    pip_install(str(py), [(whl, _sha(whl))], break_system_packages=True)
+    assert wheelkit.installed(py, "managed-demo") == "1.0"
+
+
+def test_a_pip_failure_mid_install_names_what_it_got_through(venv, tmp_path):
+    whl = wheelkit.build_wheel(tmp_path, "conflict-demo", "1.0", {"conflict_demo.py": "x = 1\n"})
+    site = Path(probe(str(venv), ["pip"])["dists"]["pip"]["root"])
+    (site / "conflict_demo.py").mkdir()  # a folder where the wheel puts its module: pip fails writing it
+    try:
+        with pytest.raises(PipFailed) as exc:
+            pip_install(str(venv), [(whl, _sha(whl))])
+    finally:
+        (site / "conflict_demo.py").rmdir()
+    assert exc.value.order == ["conflict-demo"]
+
+
+def test_a_pth_that_vanishes_while_read_sends_the_probe_to_the_interpreter(tmp_path, monkeypatch):
+    py = wheelkit.make_venv(tmp_path / "venv")
+    site = Path(install._import_path(str(py))[0][0])
+    (site / "gone.pth").write_text(str(tmp_path) + "\n")
+    real = install.read_pth
+
+    def vanish_then_read(p):
+        p.unlink()  # another process removes it between the listing and the read
+        return real(p)
+
+    monkeypatch.setattr(install, "read_pth", vanish_then_read)
+    assert install._import_path(str(py)) is None
+
+
+def test_probe_of_a_python_that_is_neither_this_nor_a_venv_asks_it(tmp_path):
+    py = wheelkit.make_system_python(tmp_path / "sys", externally_managed=True)
+    assert install._import_path(str(py)) is None
+    res = probe(str(py), ["not-there"])
+    assert res["dists"] == {"not-there": None}
+    assert res["externally_managed"] and res["externally_managed"].endswith("EXTERNALLY-MANAGED")
+
+
+def test_the_users_pip_index_settings_cannot_reach_the_run(venv, tmp_path, monkeypatch):
+    whl = wheelkit.build_wheel(tmp_path, "env-demo", "1.0")
+    for k in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_REQUIREMENT", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL"):
+        monkeypatch.setenv(k, str(tmp_path / "does-not-exist"))
+    pip_install(str(venv), [(whl, _sha(whl))])
+    assert wheelkit.installed(venv, "env-demo") == "1.0"
+
+
+def test_pips_output_is_kept_to_its_last_2000_characters(venv, tmp_path):
+    deep = tmp_path.joinpath(*[c * 200 for c in "abcdefghijkl"])  # pip names the file: a long report
+    whl = wheelkit.build_wheel(deep, "long-demo", "1.0")
+    with pytest.raises(PipFailed) as exc:
+        pip_install(str(venv), [(whl, "0" * 64)])
+    assert len(exc.value.output) == 2000 and exc.value.output.rstrip().endswith(_sha(whl))

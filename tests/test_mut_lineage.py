@@ -66,6 +66,9 @@ def test_check_on_a_stale_set_reports_it_and_writes_nothing(patches, source):
     outcomes = refresh(patches, source)
     assert sorted(o.name for o in outcomes if o.changed) == changed
     assert not (patches / BASE / portfs.MARKER).exists()
+    from test_lineage import patched_model
+
+    assert all(b"# a base fix\n" in patched_model(patches, n) for n in changed)  # re-derived, not re-recorded
     assert not [o.name for o in refresh(patches, source, check=True) if o.changed]
 
 
@@ -104,6 +107,8 @@ def test_record_writes_only_the_resolutions_a_merge_needs(patches, source):
     assert sorted(p.relative_to(patches) for p in patches.glob("*/*.resolution.diff")) == \
         sorted(recorded + [Path(BASE) / "model.py.resolution.diff"])
     assert {o.name for o in outcomes if o.changed} == {str(p.parent) for p in recorded}
+    bases = {f["ported_from"] for o in outcomes for f in o.files}
+    assert BASE in bases and "" not in bases
     # Recording again changes nothing; a resolution no longer needed is removed.
     assert not [o for o in refresh(patches, source, record=True) if o.changed]
 
@@ -222,6 +227,22 @@ def test_hunks_are_found_in_order_never_before_the_last_one():
 
 
 # ----------------------------------------------------------------------------- small parts
+def test_the_merge_label_names_a_sets_first_release():
+    import dataclasses
+
+    s = dataclasses.replace(load_patchset(PATCHES / "vllm-0.28.0"), vllm_versions=("0.28.0", "0.28.1"))
+    assert merge_label(s) == "vLLM 0.28.0"
+
+
+def test_exchange_with_relative_paths(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    lineage._exchange(Path("a"), Path("b"))  # resolved from the current folder (AT_FDCWD)
+    assert (tmp_path / "b" / "x").exists()
+
+
 def test_names_labels_and_outcomes():
     assert resolution_name("vllm/a/b/model.py") == "model.py.resolution.diff" == "model.py" + lineage.RESOLUTION_SUFFIX
     s = load_patchset(PATCHES / "vllm-0.28.0")
@@ -288,3 +309,45 @@ def test_the_cli_json_of_a_refresh(patches, wheels, tmp_path):
     assert r.returncode == 0, r.stderr
     body = json.loads(r.stdout)
     assert body["mode"] == "refresh" and all(not o["changed"] for o in body["sets"])
+
+
+def test_a_swap_that_fails_leaves_the_old_set_unmarked_and_no_stage(tmp_path, monkeypatch):
+    from m3fuse.errors import EnvironmentProblem
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "old").write_bytes(b"o")
+
+    def no_swap(a, b):
+        raise EnvironmentProblem("no renameat2 here")
+
+    monkeypatch.setattr(lineage, "_exchange", no_swap)
+    with pytest.raises(EnvironmentProblem):
+        lineage.replace_set(folder, {"new": b"n"}, lambda _p: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    assert sorted(p.name for p in folder.iterdir()) == ["old"]  # no marker left in the live set
+
+
+def test_unresolved_conflicts_are_named_by_their_line(patches, source):
+    (patches / "vllm-0.30.0" / "model.py.resolution.diff").unlink()
+    sets = load_all(patches, parse=True)
+    by_name = {s.name: s for s in sets}
+    s = by_name["vllm-0.30.0"]
+    t = next(t for t in s.targets if t.path == realvllm.MODEL)
+    merged = lineage.merged_from_base(s, t, by_name[t.ported_from], source).merged.decode().splitlines()
+    with pytest.raises(MergeConflict) as exc:
+        lineage.derive(s, by_name, source)
+    lines = [int(v.split()[1]) for k, v in exc.value.details]
+    assert lines and all(merged[n - 1].startswith(("<<<<<<<", "|||||||", "=======", ">>>>>>>")) for n in lines)
+
+
+def test_a_bad_reference_after_a_hand_written_file_is_still_refused(patches):
+    m = patches / "vllm-0.30.0" / "manifest.toml"
+    text = m.read_text()
+    first = text.index('ported-from = "', text.index("[[files]]"))
+    end = text.index("\n", first) + 1
+    text = text[:first] + text[end:]  # the first file: hand-written in this set
+    cut = text.rindex('ported-from = "vllm-0.26.0"')
+    m.write_text(text[:cut] + 'ported-from = "vllm-9"\n')
+    with pytest.raises(PatchSetError, match="ported-from names a set that does not exist"):
+        derived_in_order(load_all(patches))

@@ -496,3 +496,48 @@ def test_refusal_names_the_path_the_reason_and_what_to_do():
 def test_limits():
     assert (safeio.MAX_SOURCE, safeio.MAX_SET_FILE, safeio.MAX_LOCK, safeio.MAX_RECORD) == \
         (16 << 20, 4 << 20, 4 << 20, 64 << 20)
+
+
+# ----------------------------------------------------------------------------- survivors of the mutation run
+def test_a_root_that_is_not_a_directory_is_refused(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        with walk_down(tmp_path / "file", []):
+            pass
+
+
+def test_a_folder_created_by_someone_else_in_the_window_is_used(tmp_path, monkeypatch):
+    """Another process makes the folder between safeio's open (missing) and its mkdir: the
+    mkdir's FileExistsError is the race, and the folder is then opened like any other."""
+    real_mkdir = os.mkdir
+
+    def mkdir_raced(name, mode=0o777, *, dir_fd=None):
+        real_mkdir(name, 0o700, dir_fd=dir_fd)  # the other process wins
+        return real_mkdir(name, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(safeio.os, "mkdir", mkdir_raced)
+    with walk_down(tmp_path, ["made"], create_mode=0o700) as fd:
+        assert stat.S_ISDIR(os.fstat(fd).st_mode)
+    monkeypatch.undo()
+    assert (tmp_path / "made").is_dir()
+
+
+def test_a_failed_write_closes_its_descriptor(tmp_path):
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    d = os.open(tmp_path, os.O_RDONLY)
+    try:
+        before = open_fds()
+        with pytest.raises(TypeError):
+            safeio.write_new_at(d, "n", "text, not bytes")  # type: ignore[arg-type]
+        assert open_fds() == before
+    finally:
+        os.close(d)
+
+
+def test_own_dir_creates_missing_parents_private(tmp_path):
+    got = own_dir(tmp_path / "a" / "b" / "cache")
+    assert got == tmp_path / "a" / "b" / "cache"
+    # The folder holding the cache is made 0700 (pathlib gives the folders above it the default mode).
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700 & ~_umask()
