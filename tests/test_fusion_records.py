@@ -27,6 +27,7 @@ import torch
 from fusion_harness import Stage, ToyConfig, build_model, installed_aiter, load_model, run_forward
 from fusion_matrix import rows_where
 from fusion_standins import FakeAiterCAGemma, SimTP
+from test_fixes_runtime import _Lines  # one log-line collector for the run-time tests
 
 MODERN_AITER = "0.1.21.post2"
 KINDS = ("aiter-1stage", "aiter-2stage", "vllm-aiter-1stage", "all-reduce+norm", "all-reduce+mxfp8-norm")
@@ -45,15 +46,6 @@ def bucket(runs: dict[str, str], tokens: int) -> str:
         if tokens >= lo and (key.endswith("+") or tokens <= int(hi)):
             return kind
     raise AssertionError(f"no bucket of {runs} holds {tokens} tokens")
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @contextlib.contextmanager

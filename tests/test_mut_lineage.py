@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import realvllm
-from test_lineage import BASE, PATCHES, fix_base_line, ported, snapshot_sets
+from test_lineage import BASE, PATCHES, fix_base_line, patches, ported, snapshot_sets, wheels  # noqa: F401 (fixtures)
 from m3fuse.errors import MergeConflict, PatchSetError
 from m3fuse.patching import lineage, portfs, setwriter
 from m3fuse.patching.basesource import BaseSource
@@ -23,20 +22,6 @@ from m3fuse.patching.hunks import parse_diff
 from m3fuse.patching.lineage import (Outcome, apply_resolution, derived_in_order, describe, folder_files, merge_label,
                                      refresh, resolution_name)
 from m3fuse.patching.patchset import load_all, load_patchset
-
-
-@pytest.fixture(scope="module")
-def wheels() -> Path:
-    for s in load_all(PATCHES):
-        realvllm.wheel_path(s.vllm_versions[0])
-    return realvllm.cache_root() / "vllm"
-
-
-@pytest.fixture
-def patches(tmp_path) -> Path:
-    d = tmp_path / "patches"
-    shutil.copytree(PATCHES, d)
-    return d
 
 
 @pytest.fixture
