@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import os
-import posixpath
 from pathlib import Path
 
 from .. import safeio
@@ -83,17 +82,14 @@ def wheel_outside(path: Path) -> list[str]:
     """The rows of a wheel's own RECORD that are absolute or climb out with '..' (a wheel's
     RECORD names its members, relative to the wheel's root). The wheel was verified and checked
     already (check.py), so the archive itself is known to be sound."""
-    from .check import read_member
+    from .check import read_member, unsafe_member  # the rule a wheel's member names are held to
 
     with safeio.open_zip(path) as zf:
         names = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/RECORD")]
         bad = []
         for name in names:
             text = read_member(zf, name, path, safeio.MAX_RECORD).decode("utf-8", "replace")
-            for row in csv.reader(text.splitlines()):
-                if row and row[0] and (row[0].startswith("/") or ".." in posixpath.normpath(row[0]).split("/")
-                                       or ".." in row[0].split("/")):
-                    bad.append(row[0])
+            bad += [row[0] for row in csv.reader(text.splitlines()) if row and row[0] and unsafe_member(row[0])]
     return bad
 
 
