@@ -123,11 +123,18 @@ def test_a_chain_is_ordered_whatever_the_listing_order(patches):
         assert order.index("vllm-0.28.0") < order.index("vllm-0.30.0")
 
 
-def test_tampered_references_are_refused_by_name(patches):
+def point_model_at(patches: Path, base: str) -> tuple[Path, str]:
+    """vllm-0.30.0's model file says it was ported from `base` (its last `ported-from`);
+    returns the manifest and its text before."""
     m = patches / "vllm-0.30.0" / "manifest.toml"
     text = m.read_text()
     cut = text.rindex('ported-from = "vllm-0.26.0"')
-    m.write_text(text[:cut] + 'ported-from = "vllm-9"\n')
+    m.write_text(text[:cut] + f'ported-from = "{base}"\n')
+    return m, text
+
+
+def test_tampered_references_are_refused_by_name(patches):
+    m, text = point_model_at(patches, "vllm-9")
     with pytest.raises(PatchSetError) as exc:
         derived_in_order(load_all(patches))
     e = exc.value
@@ -150,10 +157,7 @@ def test_a_reference_to_a_set_without_the_file(patches):
     other = patches / "vllm-0.24.0" / "manifest.toml"
     t = other.read_text()
     other.write_text(t[:t.index('[[files]]\npath = "vllm/models')])
-    m = patches / "vllm-0.30.0" / "manifest.toml"
-    text = m.read_text()
-    cut = text.rindex('ported-from = "vllm-0.26.0"')
-    m.write_text(text[:cut] + 'ported-from = "vllm-0.24.0"\n')
+    point_model_at(patches, "vllm-0.24.0")
     with pytest.raises(PatchSetError) as exc:
         derived_in_order(load_all(patches))
     assert exc.value.details == (("expected", f"a set patching {realvllm.MODEL}"), ("got", "vllm-0.24.0"))
