@@ -10,7 +10,7 @@ Set-up, all inside one temp dir removed at the end:
 - a real venv with the real vllm 0.26.0 wheel installed `--no-deps` (the wheel is cached in
   ~/.cache/m3fuse-tests by tests/realvllm.py), m3fuse on its path (a .pth to this checkout
   and to the running interpreter's site-packages, since nothing may be downloaded) and an
-  `m3fuse` console script written as pip writes them;
+  `m3fuse` command written as an installer writes it (bin/m3fuse);
 - small test wheels of the two pinned distributions (flydsl, amd-aiter, tests/wheelkit.py
   builders) and a test lock pointing at a loopback HTTP server (tests/wheelkit.py's server,
   run in its own process, 127.0.0.1 only); `m3fuse install` with that lock puts the pins in
@@ -204,15 +204,14 @@ class Server:
 # --------------------------------------------------------------------------------- set-up
 
 
-CONSOLE_SCRIPT = """#!{python}
-# -*- coding: utf-8 -*-
-import re
-import sys
-from m3fuse.cli import main
-if __name__ == '__main__':
-    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
-    sys.exit(main())
-"""
+def install_command(python: Path, bin_dir: Path) -> Path:
+    """The `m3fuse` command as an installer writes it from the wheel: the repository's
+    bin/m3fuse with its shebang pointed at the venv's Python."""
+    body = (REPO / "bin" / "m3fuse").read_text().split("\n", 1)[1]
+    m3 = bin_dir / "m3fuse"
+    m3.write_text(f"#!{python}\n{body}")
+    m3.chmod(0o755)
+    return m3
 
 
 def write_random(path: Path, size: int) -> None:
@@ -261,9 +260,7 @@ def make_setup(tmp: Path, cfg: Config, log: Callable[[str], None]) -> Setup:
     site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env, tmp).stdout.strip())
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "zz_m3fuse_bench.pth").write_text("\n".join([str(REPO), *sorted(deps)]) + "\n")
-    m3 = py.parent / "m3fuse"
-    m3.write_text(CONSOLE_SCRIPT.format(python=py))
-    m3.chmod(0o755)
+    m3 = install_command(py, py.parent)
 
     log("test wheels and files ...")
     served = tmp / "served"

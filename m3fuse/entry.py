@@ -1,17 +1,18 @@
-"""The console entry point (`m3fuse`, `python -m m3fuse`): SIGINT/SIGTERM handled from the
-moment this module is imported, then the command line.
+"""The entry point of the `m3fuse` command (bin/m3fuse) and of `python -m m3fuse`:
+SIGINT/SIGTERM handled from the moment this module is imported, then the command line.
 
 Importing the CLI loads click and the patch engine (100-300 ms on a cold start). A signal in
 that time used to meet Python's default handling: a KeyboardInterrupt traceback, or death by
-SIGTERM. So the first statements of this module, run as the console script imports it, point
+SIGTERM. So the first statements of this module, run as the command imports it, point
 both signals at `_early`, which only notes them (it uses the builtin `_signal`: importing
 `signal` builds its enums, time in which a Ctrl-C would still be Python's). `main()` then
 installs m3fuse's real handlers (interrupt.py) before the first heavy import, and a signal
 noted or raised while the CLI is still loading is reported in the same one line as any other,
 exit 130. Nothing has been read or written by then.
 
-What remains is the interpreter's own start, before any m3fuse code runs (site, the console
-wrapper's `import re`): a signal there is Python's (docs/reliability.md).
+Before this module, the `m3fuse` command has noted signals from its own first statement and
+passes one on to `main`. What remains is the interpreter's own start, its import of `site`: a
+signal there is Python's (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ def _early(signum: int, frame: object) -> None:
 try:
     _signal.signal(_signal.SIGINT, _early)
     _signal.signal(_signal.SIGTERM, _early)
-except ValueError:  # imported outside the main thread (not as the console script): leave signals be
+except ValueError:  # imported outside the main thread (not as the command): leave signals be
     pass
 
 
-def main() -> None:
+def main(noted: int = 0) -> None:
+    """`noted`: a signal the `m3fuse` launcher (bin/m3fuse) noted before this module took over."""
+    global _pending
+    _pending = _pending or noted
     from . import interrupt  # os and signal only; a signal meanwhile is noted by _early
 
     try:

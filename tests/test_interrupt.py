@@ -13,6 +13,7 @@ interpreter's own start-up is Python's, before any m3fuse code runs).
 
 from __future__ import annotations
 
+import ast
 import random
 import re
 import signal
@@ -152,25 +153,25 @@ def test_a_signal_before_the_command_starts_says_the_tree_was_not_touched():
     interrupt.describe_with(None)
 
 
-def _entry_cmd(*args: str) -> list[str]:
-    """The console script users run (its wrapper imports m3fuse.entry), else `python -m m3fuse`."""
+def _command() -> Path:
+    """The `m3fuse` command users run: bin/m3fuse, which the test environment's install put
+    into its bin (pyproject's shared-scripts)."""
     script = Path(sys.executable).parent / "m3fuse"
-    return [str(script), *args] if script.exists() else faultkit.cli_cmd(*args)
+    assert script.is_file(), f"{script}: the test environment has no m3fuse command; run `make test`"
+    return script
 
 
-# A frame of m3fuse code, other than the import of the entry module itself (its first lines
-# install the handlers: before them, a signal is still Python's).
-M3FUSE_FRAME = re.compile(r'File "[^"]*/m3fuse/(?!(__init__|entry)\.py", line \d+, in <module>)')
+# A frame of m3fuse's package: the command notes signals before it imports any of it.
+M3FUSE_FRAME = re.compile(r'File "[^"]*/m3fuse/')
 
 
 def test_signals_from_the_first_instant_give_one_line_never_a_traceback(pristine_trees, tmp_path):
     """Issue 25, V17: SIGINT/SIGTERM at 50 random instants from the process's start (t = 0 to
     300 ms: the CLI's imports included). Each run exits 130 with one line, or finishes, and the
     tree is never half patched. The one window m3fuse cannot reach is the interpreter's own
-    start, before m3fuse's entry module has run its first lines: there the signal kills the
-    process the default way (no output, nothing read) or Python raises its KeyboardInterrupt;
-    such a traceback holds no frame of m3fuse code at work, and the runs that met it are
-    counted, not hidden."""
+    start, before the command's first statement: there the signal kills the process the default
+    way (no output, nothing read) or Python's import of `site` fails with its KeyboardInterrupt;
+    the runs that met it are counted, not hidden."""
     rig = Rig("0.26.0", "shipped", pristine_trees, tmp_path)
     rng = random.Random(f"{SEED}-early")
     counts = {"interrupted": 0, "finished": 0, "before_python_handlers": 0, "python_startup": 0}
@@ -178,7 +179,7 @@ def test_signals_from_the_first_instant_give_one_line_never_a_traceback(pristine
         rig.reset("pristine")
         sig = signal.SIGTERM if i % 3 == 2 else signal.SIGINT
         at = rng.uniform(0, 0.3)
-        proc = subprocess.Popen(_entry_cmd(*rig.args("install")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen([str(_command()), *rig.args("install")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=faultkit.cli_env())
         end = time.perf_counter() + at
         while proc.poll() is None and time.perf_counter() < end:
@@ -202,11 +203,126 @@ def test_signals_from_the_first_instant_give_one_line_never_a_traceback(pristine
             counts["before_python_handlers"] += 1  # the shell reports 128 + signal; nothing ran
             assert state == "pristine", why
         else:
-            # Only Python's own start-up (site, the console wrapper's imports) may end so.
+            # Only Python's own start may end so: its import of `site` ("Fatal Python error:
+            # init_import_site"), or the instant after it, before the command's first statement
+            # (the one frame is the command's line 0). The command's own lines are covered.
             assert sig == signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt"), why
+            frames = re.findall(r'File "([^"]*)", line (\d+)', err)
+            assert "init_import_site" in err or frames == [(str(_command()), "0")], why
             counts["python_startup"] += 1
             assert state == "pristine", why
     # Most instants must land in m3fuse's own time, or this proves little (on a loaded machine
     # the interpreter's start alone can take a third of the 300 ms).
     assert counts["interrupted"] >= POINTS // 5, counts
     faultkit.record("early-signals", seed=SEED, points=POINTS, **counts)
+
+
+# Sends SIGINT to its own process when one line of one file is reached: a signal at an exact
+# statement of the `m3fuse` command or of m3fuse.entry, before m3fuse's own handlers are in
+# place (a sitecustomize on PYTHONPATH: the one hook that runs before the command's first line).
+_SIGNAL_AT_LINE = """
+import os, signal, sys
+_file, _line = os.environ["SIGNAL_FILE"], int(os.environ["SIGNAL_LINE"])
+def _trace(frame, event, arg):
+    if frame.f_code.co_filename != _file:
+        return None
+    if event == "line" and frame.f_lineno == _line:
+        sys.settrace(None)
+        open(os.environ["SIGNAL_REACHED"], "w").close()
+        os.kill(os.getpid(), signal.SIGINT)
+        return None
+    return _trace
+sys.settrace(_trace)
+"""
+
+# What pip writes for a `[project.scripts]` entry point: the command m3fuse had before bin/m3fuse.
+_PIP_WRAPPER = """# -*- coding: utf-8 -*-
+import re
+import sys
+from m3fuse.entry import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+ENTRY = Path(__file__).resolve().parent.parent / "m3fuse" / "entry.py"
+
+
+def _signal_at(command: Path, file: Path, line: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_SIGNAL_AT_LINE)
+    reached = tmp_path / "reached"
+    reached.unlink(missing_ok=True)
+    env = faultkit.cli_env(PYTHONPATH=str(hook), SIGNAL_FILE=str(file), SIGNAL_LINE=str(line),
+                           SIGNAL_REACHED=str(reached))
+    r = subprocess.run([sys.executable, str(command), "sets"], capture_output=True, text=True, env=env, timeout=60)
+    assert reached.exists(), f"{file}:{line} was never reached: the signal was not sent ({r.returncode}, {r.stderr})"
+    return r
+
+
+def _after_the_handlers(body: list[ast.stmt], where: Path) -> list[ast.stmt]:
+    """The statements after the last one that points a signal at a handler; before it, only
+    the builtin `_signal` (and `from __future__`) may be imported."""
+    handlers = [i for i, st in enumerate(body)
+                if not isinstance(st, ast.FunctionDef) and "_signal.signal(" in ast.unparse(st)]
+    assert handlers, f"{where}: no statement points SIGINT/SIGTERM at a handler"
+    for st in body[:handlers[-1]]:
+        if isinstance(st, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in st.names]
+            assert names == ["_signal"] or getattr(st, "module", None) == "__future__" or names == ["sys"], \
+                f"{where}:{st.lineno}: an import before the signal handlers"
+    return body[handlers[-1] + 1:]
+
+
+def _entry_lines() -> list[int]:
+    """Every line of m3fuse.entry from its handlers on that a run reaches before the CLI has its
+    own handlers: the module's last statements and `main` up to the call of the CLI (not the
+    branches taken only once a signal is pending, which report it)."""
+    tree = ast.parse(ENTRY.read_text())
+    main = next(st for st in tree.body if isinstance(st, ast.FunctionDef) and st.name == "main")
+    lines: set[int] = set()
+
+    def reached(stmts: list[ast.stmt]) -> None:
+        for st in stmts:
+            # A docstring and `global` compile to no instruction: no line of theirs is reached.
+            if isinstance(st, ast.Global) or isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant):
+                continue
+            lines.add(st.lineno)
+            if isinstance(st, ast.Try):
+                reached(st.body)
+            elif isinstance(st, ast.If) and "_pending" not in ast.unparse(st.test):
+                reached(st.body + st.orelse)
+
+    reached(_after_the_handlers(tree.body, ENTRY) + main.body)
+    return sorted(lines)
+
+
+def test_the_command_notes_a_signal_from_its_first_statements(tmp_path):
+    """V17, the console wrapper's window: the installed `m3fuse` command (bin/m3fuse) points
+    SIGINT/SIGTERM at a handler before it imports anything, and m3fuse.entry takes over on
+    import, so a Ctrl-C at any later statement of either, up to the call of the CLI, ends in
+    the one line and exit 130."""
+    script = _command()
+    repo_launcher = Path(__file__).resolve().parent.parent / "bin" / "m3fuse"
+    # The environment's command is the repository's launcher (pyproject's shared-scripts), not
+    # a wrapper an installer generated; only the shebang differs.
+    assert script.read_text().split("\n", 1)[1] == repo_launcher.read_text().split("\n", 1)[1]
+    points = [(script, st.lineno) for st in _after_the_handlers(ast.parse(script.read_text()).body, script)]
+    points += [(ENTRY, line) for line in _entry_lines()]
+    assert len(points) >= 10, points
+    for file, line in points:
+        r = _signal_at(script, file, line, tmp_path)
+        why = (f"{file.name}:{line}", r.returncode, r.stderr)
+        assert r.returncode == 130, why
+        assert "Traceback" not in r.stderr and EARLY.match(r.stderr), why
+        assert len(r.stderr.strip().splitlines()) == 1, why
+
+
+def test_the_rig_sees_the_traceback_pips_wrapper_gave(tmp_path):
+    """The same signal at pip's generated wrapper's `import re` (what `m3fuse` was before):
+    Python's KeyboardInterrupt traceback, which is what the test above rules out."""
+    wrapper = tmp_path / "m3fuse"
+    wrapper.write_text(_PIP_WRAPPER)
+    r = _signal_at(wrapper, wrapper, 2, tmp_path)
+    assert r.returncode != 130 and "Traceback" in r.stderr and r.stderr.rstrip().endswith("KeyboardInterrupt"), \
+        (r.returncode, r.stderr)

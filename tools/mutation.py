@@ -55,6 +55,8 @@ SELECTIONS: dict[str, list[str]] = {
     "m3fuse/wheels/install.py": ["tests/test_mut_install.py"],
     "m3fuse/bytecode.py": ["tests/test_mut_bytecode.py", "tests/test_bounded_bytecode.py"],
     "m3fuse/safeio.py": ["tests/test_mut_safeio.py"],
+    "m3fuse/entry.py": ["tests/test_interrupt.py::test_the_command_notes_a_signal_from_its_first_statements",
+                        "tests/test_interrupt.py::test_signals_from_the_first_instant_give_one_line_never_a_traceback"],
 }
 
 _CMP = "|".join(["Eq_NotEq", "NotEq_Eq", "Lt_LtE", "LtE_Lt", "Gt_GtE", "GtE_Gt", "Lt_Gt", "Gt_Lt",
