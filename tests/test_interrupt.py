@@ -233,6 +233,19 @@ def _trace(frame, event, arg):
         return None
     return _trace
 sys.settrace(_trace)
+if os.environ.get("SIGNAL_ON_WRITE"):  # and once more as stderr gets a line starting so
+    class _Stderr:
+        def __init__(self, f):
+            self._f = f
+        def write(self, text):
+            prefix = os.environ.get("SIGNAL_ON_WRITE")
+            if prefix and text.startswith(prefix):
+                del os.environ["SIGNAL_ON_WRITE"]
+                os.kill(os.getpid(), signal.SIGINT)
+            return self._f.write(text)
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+    sys.stderr = _Stderr(sys.stderr)
 """
 
 # What pip writes for a `[project.scripts]` entry point: the command m3fuse had before bin/m3fuse.
@@ -247,15 +260,15 @@ if __name__ == '__main__':
 ENTRY = Path(__file__).resolve().parent.parent / "m3fuse" / "entry.py"
 
 
-def _signal_at(command: Path, file: Path, line: int, tmp_path: Path) -> subprocess.CompletedProcess:
+def _signal_at(command: Path, file: Path, line: int, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(_SIGNAL_AT_LINE)
     reached = tmp_path / "reached"
     reached.unlink(missing_ok=True)
-    env = faultkit.cli_env(PYTHONPATH=str(hook), SIGNAL_FILE=str(file), SIGNAL_LINE=str(line),
-                           SIGNAL_REACHED=str(reached))
-    r = subprocess.run([sys.executable, str(command), "sets"], capture_output=True, text=True, env=env, timeout=60)
+    run_env = faultkit.cli_env(PYTHONPATH=str(hook), SIGNAL_FILE=str(file), SIGNAL_LINE=str(line),
+                               SIGNAL_REACHED=str(reached), **env)
+    r = subprocess.run([sys.executable, str(command), "sets"], capture_output=True, text=True, env=run_env, timeout=60)
     assert reached.exists(), f"{file}:{line} was never reached: the signal was not sent ({r.returncode}, {r.stderr})"
     return r
 
@@ -326,3 +339,32 @@ def test_the_rig_sees_the_traceback_pips_wrapper_gave(tmp_path):
     r = _signal_at(wrapper, wrapper, 2, tmp_path)
     assert r.returncode != 130 and "Traceback" in r.stderr and r.stderr.rstrip().endswith("KeyboardInterrupt"), \
         (r.returncode, r.stderr)
+
+
+def test_a_second_signal_while_the_first_is_reported_is_ignored(tmp_path):
+    """A second Ctrl-C as the line about the first is written (entry's `_interrupted` has set
+    signals aside by then) neither cuts the line nor adds a traceback."""
+    main = next(st for st in ast.parse(ENTRY.read_text()).body if isinstance(st, ast.FunctionDef) and st.name == "main")
+    # The first signal just before m3fuse's handlers are installed (noted, then raised by the
+    # check after them), the second as stderr gets the report: m3fuse's handler would raise it.
+    first = next(st for st in ast.walk(main) if isinstance(st, ast.Expr) and "interrupt.install()" in ast.unparse(st))
+    r = _signal_at(_command(), ENTRY, first.lineno, tmp_path, SIGNAL_ON_WRITE="m3fuse: interrupted")
+    assert r.returncode == 130 and EARLY.match(r.stderr) and len(r.stderr.strip().splitlines()) == 1, \
+        (r.returncode, r.stderr)
+
+
+def test_the_entry_module_imported_off_the_main_thread_leaves_signals_alone():
+    """An embedding host that imports m3fuse.entry from a worker thread: signals cannot be set
+    there (ValueError); the import must succeed and leave the host's handlers as they were."""
+    code = ("import signal, threading\n"
+            "errors = []\n"
+            "def load():\n"
+            "    try:\n"
+            "        import m3fuse.entry\n"
+            "    except BaseException as e:\n"
+            "        errors.append(repr(e))\n"
+            "t = threading.Thread(target=load); t.start(); t.join()\n"
+            "print(errors, signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+            "      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=faultkit.cli_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["[]", "True", "True"], (r.stdout, r.stderr)

@@ -56,6 +56,8 @@ SELECTIONS: dict[str, list[str]] = {
     "m3fuse/bytecode.py": ["tests/test_mut_bytecode.py", "tests/test_bounded_bytecode.py"],
     "m3fuse/safeio.py": ["tests/test_mut_safeio.py"],
     "m3fuse/entry.py": ["tests/test_interrupt.py::test_the_command_notes_a_signal_from_its_first_statements",
+                        "tests/test_interrupt.py::test_a_second_signal_while_the_first_is_reported_is_ignored",
+                        "tests/test_interrupt.py::test_the_entry_module_imported_off_the_main_thread_leaves_signals_alone",
                         "tests/test_interrupt.py::test_signals_from_the_first_instant_give_one_line_never_a_traceback"],
 }
 
