@@ -11,7 +11,7 @@ noted or raised while the CLI is still loading is reported in the same one line 
 exit 130. Nothing has been read or written by then.
 
 Before this module, the `m3fuse` command has noted signals from its own first statement and
-passes one on to `main`. What remains is the interpreter's own start, its import of `site`: a
+passes one on to `main`. What remains is the interpreter's own start (its streams, `site`): a
 signal there is Python's (docs/reliability.md).
 """
 
