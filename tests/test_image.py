@@ -288,6 +288,7 @@ def with_marker(wheel: Path, marker: str) -> bytes:
     import zipfile
 
     with zipfile.ZipFile(wheel) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
         members = {i.filename: zf.read(i) for i in zf.infolist()}
     record = next(n for n in members if n.endswith(".dist-info/RECORD"))
     members["m3fuse/image_marker.py"] = f"MARK = {marker!r}\n".encode()
@@ -296,7 +297,8 @@ def with_marker(wheel: Path, marker: str) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for k, v in members.items():
-            zf.writestr(k, v)
+            # The old member's ZipInfo keeps its mode: the `m3fuse` script must stay executable.
+            zf.writestr(infos.get(k, k), v)
     return buf.getvalue()
 
 
