@@ -18,7 +18,7 @@ from test_lineage import BASE, PATCHES, fix_base_line, patches, ported, snapshot
 from m3fuse.errors import MergeConflict, PatchSetError
 from m3fuse.patching import lineage, portfs, setwriter
 from m3fuse.patching.basesource import BaseSource
-from m3fuse.patching.hunks import parse_diff
+from m3fuse.patching.hunks import FileDiff, Hunk, parse_diff, split_lines
 from m3fuse.patching.lineage import (Outcome, apply_resolution, derived_in_order, describe, folder_files, merge_label,
                                      refresh, resolution_name)
 from m3fuse.patching.patchset import load_all, load_patchset
@@ -213,6 +213,48 @@ def test_hunks_are_found_in_order_never_before_the_last_one():
     text = "a\nx\nb\nc\nd\ne\nf\ng\nh\ni\nx\nj\n"
     diff = _res(text, text.replace("e\n", "E\n").replace("\nx\nj\n", "\nX\nj\n"))
     assert apply_resolution(text.encode(), diff, where="w") == text.replace("e\n", "E\n").replace("\nx\nj\n", "\nX\nj\n").encode()
+
+
+def _at(start: int, old: str, new: str) -> Hunk:
+    return Hunk(old_start=start, new_start=start, old_lines=tuple(split_lines(old)), new_lines=tuple(split_lines(new)))
+
+
+def _apply(merged: str, *hunks: Hunk) -> str:
+    return apply_resolution(merged.encode(), FileDiff("vllm/x.py", "vllm/x.py", hunks), where="w").decode()
+
+
+def test_a_hunk_whose_lines_recur_takes_the_nearest_copy_and_the_earlier_of_two():
+    # Six equal lines: only the recorded position tells which one the resolution meant.
+    assert _apply("a\n" * 6, _at(3, "a\n", "B\n")) == "a\na\nB\na\na\na\n"
+    # Not at its line, one away on both sides: the earlier copy.
+    assert _apply("a\nb\na\n", _at(2, "a\n", "A\n")) == "A\nb\na\n"
+    assert _apply("b\na\nb\na\n", _at(1, "a\n", "A\n")) == "b\nA\nb\na\n"
+
+
+def test_how_far_one_hunk_moved_is_where_the_next_is_looked_for():
+    # Three lines came in above the first hunk: the second, whose line recurs all the way
+    # down, is taken three lines below its recorded line too.
+    merged = "x\nx\nx\nh\n" + "a\n" * 8
+    got = _apply(merged, _at(1, "h\n", "H\n"), _at(6, "a\n", "A\n"))
+    assert got == "x\nx\nx\nH\n" + "a\n" * 4 + "A\n" + "a\n" * 3
+    # Three lines went away above it: found three lines higher.
+    merged = "h\n" + "a\n" * 11
+    got = _apply(merged, _at(4, "h\n", "H\n"), _at(9, "a\n", "A\n"))
+    assert got == "H\n" + "a\n" * 4 + "A\n" + "a\n" * 6
+    # An insertion (its start is the line it follows) matches where recorded and moves nothing.
+    got = _apply("a\n" * 8, _at(0, "", "new\n"), _at(4, "a\n", "A\n"))
+    assert got == "new\n" + "a\n" * 3 + "A\n" + "a\n" * 4
+    # ... and passes the move of the hunks before it on.
+    got = _apply("x\nh\n" + "a\n" * 8, _at(1, "h\n", "H\n"), _at(3, "", "new\n"), _at(6, "a\n", "A\n"))
+    assert got == "x\nH\na\na\nnew\na\na\nA\na\na\na\n"
+
+
+def test_the_search_reaches_the_whole_merge_and_no_further():
+    # Recorded four lines down, the merge now four lines long with the line at its top.
+    assert _apply("e\nx\ny\nz\n", _at(5, "e\n", "E\n")) == "E\nx\ny\nz\n"
+    # A hunk recorded further past the end of the merge than the merge is long is not its hunk.
+    with pytest.raises(MergeConflict):
+        _apply("e\nx\ny\n", _at(5, "e\n", "E\n"))
 
 
 # ----------------------------------------------------------------------------- small parts
