@@ -6,9 +6,9 @@ AITER's custom_all_reduce.py); the lock facts are read through the real lock par
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import os
 import pytest
 
 import wheelkit
