@@ -6,6 +6,7 @@ AITER's custom_all_reduce.py); the lock facts are read through the real lock par
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,31 @@ def test_a_top_level_namespace_folder_is_a_module_and_a_bare_file_is_not(tmp_pat
     m = "aiter.ops.shuffle"
     whl = wheelkit.build_wheel(tmp_path / "b", "amd-aiter", "1.0", {"aiter/__init__.py": "", "aiter/ops/shuffle": ""})
     assert wheel_facts(whl, AITER, "1.0", "0" * 64, REPO / "patches")["modules"][m] is False
+
+
+def test_from_tree_names_why_the_aiter_source_was_not_read(tmp_path):
+    root = tmp_path / "sp"
+    (root / AITER_CAR).parent.mkdir(parents=True)
+    os.mkfifo(root / AITER_CAR)  # a FIFO is never opened: a read would block
+    prov = from_tree(root, "0.1.15", AITER, ())
+    assert prov.api == {}
+    assert prov.content_problems == [f"{AITER_CAR} cannot be read ({root / AITER_CAR} is a FIFO, not a regular file)"]
+    (root / AITER_CAR).unlink()
+    (root / AITER_CAR).write_bytes(b"\xff\xfe")
+    assert from_tree(root, "0.1.15", AITER, ()).content_problems == [
+        f"{AITER_CAR} cannot be read ({root / AITER_CAR} is not UTF-8 text (byte 0 is b'\\xff'))"]
+    other = tmp_path / "sp2"
+    other.mkdir()
+    (other / "aiter").write_text("a file where the package folder belongs")
+    prov = from_tree(other, "0.1.15", AITER, ())
+    assert prov.api == {} and prov.content_problems == [f"{AITER_CAR} cannot be read (NotADirectoryError: Not a directory)"]
+
+
+def test_wheel_facts_refuses_an_aiter_source_that_is_not_utf8(tmp_path):
+    from m3fuse.wheels.check import WheelCheckError
+
+    whl = wheelkit.build_wheel(tmp_path, "amd-aiter", "1.0", {"aiter/__init__.py": "", AITER_CAR: b"x = 1\n\xff\n"})
+    with pytest.raises(WheelCheckError) as exc:
+        wheel_facts(whl, AITER, "1.0", "0" * 64, REPO / "patches")
+    assert exc.value.headline == f"the wheel {whl.name} failed the AITER API check; nothing was installed"
+    assert ("problem", f"{AITER_CAR} is not UTF-8 text (byte 6 is b'\\xff')") in exc.value.details

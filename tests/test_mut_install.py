@@ -180,3 +180,18 @@ def test_pips_output_is_kept_to_its_last_2000_characters(venv, tmp_path):
     with pytest.raises(PipFailed) as exc:
         pip_install(str(venv), [(whl, "0" * 64)])
     assert len(exc.value.output) == 2000 and exc.value.output.rstrip().endswith(_sha(whl))
+
+
+def test_the_folder_pip_installs_into_for_this_python_a_venv_and_another(venv, tmp_path):
+    import subprocess
+    import sys
+    import sysconfig
+
+    # The wheel step locks this folder: it must be the one pip writes, whichever Python is named.
+    assert install.install_dir(sys.executable) == Path(sysconfig.get_path("purelib"))
+    assert install.install_dir(str(venv)) == Path(install._import_path(str(venv))[0][0])
+    assert install.install_dir(str(venv)) != Path(sysconfig.get_path("purelib"))
+    py = wheelkit.make_system_python(tmp_path / "sys", externally_managed=True)
+    want = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert install.install_dir(str(py)) == Path(want) != Path(sysconfig.get_path("purelib"))

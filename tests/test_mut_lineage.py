@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ import pytest
 
 import realvllm
 from test_lineage import BASE, PATCHES, fix_base_line, patches, ported, snapshot_sets, wheels  # noqa: F401 (fixtures)
-from m3fuse.errors import MergeConflict, PatchSetError
+from m3fuse import interrupt
+from m3fuse.errors import MergeConflict, PatchSetError, UnsafePath
 from m3fuse.patching import lineage, portfs, setwriter
 from m3fuse.patching.basesource import BaseSource
-from m3fuse.patching.hunks import parse_diff
+from m3fuse.patching.hunks import FileDiff, Hunk, parse_diff, split_lines
 from m3fuse.patching.lineage import (Outcome, apply_resolution, derived_in_order, describe, folder_files, merge_label,
                                      refresh, resolution_name)
 from m3fuse.patching.patchset import load_all, load_patchset
@@ -215,6 +217,48 @@ def test_hunks_are_found_in_order_never_before_the_last_one():
     assert apply_resolution(text.encode(), diff, where="w") == text.replace("e\n", "E\n").replace("\nx\nj\n", "\nX\nj\n").encode()
 
 
+def _at(start: int, old: str, new: str) -> Hunk:
+    return Hunk(old_start=start, new_start=start, old_lines=tuple(split_lines(old)), new_lines=tuple(split_lines(new)))
+
+
+def _apply(merged: str, *hunks: Hunk) -> str:
+    return apply_resolution(merged.encode(), FileDiff("vllm/x.py", "vllm/x.py", hunks), where="w").decode()
+
+
+def test_a_hunk_whose_lines_recur_takes_the_nearest_copy_and_the_earlier_of_two():
+    # Six equal lines: only the recorded position tells which one the resolution meant.
+    assert _apply("a\n" * 6, _at(3, "a\n", "B\n")) == "a\na\nB\na\na\na\n"
+    # Not at its line, one away on both sides: the earlier copy.
+    assert _apply("a\nb\na\n", _at(2, "a\n", "A\n")) == "A\nb\na\n"
+    assert _apply("b\na\nb\na\n", _at(1, "a\n", "A\n")) == "b\nA\nb\na\n"
+
+
+def test_how_far_one_hunk_moved_is_where_the_next_is_looked_for():
+    # Three lines came in above the first hunk: the second, whose line recurs all the way
+    # down, is taken three lines below its recorded line too.
+    merged = "x\nx\nx\nh\n" + "a\n" * 8
+    got = _apply(merged, _at(1, "h\n", "H\n"), _at(6, "a\n", "A\n"))
+    assert got == "x\nx\nx\nH\n" + "a\n" * 4 + "A\n" + "a\n" * 3
+    # Three lines went away above it: found three lines higher.
+    merged = "h\n" + "a\n" * 11
+    got = _apply(merged, _at(4, "h\n", "H\n"), _at(9, "a\n", "A\n"))
+    assert got == "H\n" + "a\n" * 4 + "A\n" + "a\n" * 6
+    # An insertion (its start is the line it follows) matches where recorded and moves nothing.
+    got = _apply("a\n" * 8, _at(0, "", "new\n"), _at(4, "a\n", "A\n"))
+    assert got == "new\n" + "a\n" * 3 + "A\n" + "a\n" * 4
+    # ... and passes the move of the hunks before it on.
+    got = _apply("x\nh\n" + "a\n" * 8, _at(1, "h\n", "H\n"), _at(3, "", "new\n"), _at(6, "a\n", "A\n"))
+    assert got == "x\nH\na\na\nnew\na\na\nA\na\na\na\n"
+
+
+def test_the_search_reaches_the_whole_merge_and_no_further():
+    # Recorded four lines down, the merge now four lines long with the line at its top.
+    assert _apply("e\nx\ny\nz\n", _at(5, "e\n", "E\n")) == "E\nx\ny\nz\n"
+    # A hunk recorded further past the end of the merge than the merge is long is not its hunk.
+    with pytest.raises(MergeConflict):
+        _apply("e\nx\ny\n", _at(5, "e\n", "E\n"))
+
+
 # ----------------------------------------------------------------------------- small parts
 def test_the_merge_label_names_a_sets_first_release():
     import dataclasses
@@ -340,3 +384,137 @@ def test_a_bad_reference_after_a_hand_written_file_is_still_refused(patches):
     m.write_text(text[:cut] + 'ported-from = "vllm-9"\n')
     with pytest.raises(PatchSetError, match="ported-from names a set that does not exist"):
         derived_in_order(load_all(patches))
+
+
+def test_a_kill_before_the_swap_leaves_a_marked_stage_the_next_run_removes(tmp_path, monkeypatch):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "old").write_bytes(b"o")
+
+    class Killed(BaseException):
+        pass
+
+    def stop(step: str) -> None:
+        if step.startswith("refresh-swap "):
+            raise Killed
+
+    monkeypatch.setattr(lineage.atomic, "_checkpoint", stop)
+    with pytest.raises(Killed):
+        lineage.replace_set(folder, {"new": b"n"}, lambda _p: None)
+    stages = [p for p in tmp_path.iterdir() if p.name != "s"]
+    assert len(stages) == 1 and (stages[0] / portfs.MARKER).is_file()
+    assert portfs.clean_stages(tmp_path) == stages
+    assert folder_files(folder) == {"old": b"o"}
+
+
+def test_a_refresh_unmarks_only_real_folders_of_the_patches_folder(patches, source, tmp_path):
+    (patches / "NOTES").write_text("a file beside the sets\n")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / portfs.MARKER).write_bytes(b"not ours to drop")
+    (patches / "linked").symlink_to(outside)
+    portfs.mark(patches / BASE)
+    assert not [o for o in refresh(patches, source) if o.changed]
+    assert (outside / portfs.MARKER).read_bytes() == b"not ours to drop"
+    assert not (patches / BASE / portfs.MARKER).exists()
+
+
+def test_recording_goes_past_a_hand_written_file(patches, source):
+    s = patches / "vllm-0.30.0"
+    m = s / "manifest.toml"
+    text = m.read_text()
+    first = text.index('ported-from = "', text.index("[[files]]"))
+    m.write_text(text[:first] + text[text.index("\n", first) + 1:])  # its first file: hand-written
+    before = snapshot_sets(patches)
+    outcomes = {o.name: o for o in refresh(patches, source, record=True)}
+    assert not outcomes["vllm-0.30.0"].changed and snapshot_sets(patches) == before
+    assert [f["resolution"] for f in outcomes["vllm-0.30.0"].files] == [False, True]
+
+
+def test_a_corrupt_diff_in_any_set_is_refused_before_a_set_is_written(patches, source):
+    fix_base_line(patches, b"class MiniMaxM3DecoderLayer(nn.Module):\n",
+                  b"# a base fix\nclass MiniMaxM3DecoderLayer(nn.Module):\n")
+    (patches / "vllm-0.34.0" / "model.py.diff").write_text("not a diff\n")
+    before = snapshot_sets(patches)
+    with pytest.raises(PatchSetError, match="vllm-0.34.0"):
+        refresh(patches, source)
+    assert snapshot_sets(patches) == before
+
+
+def test_a_check_writes_not_even_the_pristine_cache_and_a_refresh_fills_it(patches, source):
+    cache = source.cache
+    assert not [o for o in refresh(patches, source, check=True) if o.changed]
+    assert not cache.exists() or not list(cache.iterdir())
+    fresh = BaseSource(wheel_dirs=source.wheel_dirs, cache=cache)  # nothing read yet, nothing held in memory
+    assert not [o for o in refresh(patches, fresh) if o.changed]
+    assert cache.is_dir() and list(cache.iterdir())
+
+
+def test_a_linked_set_folder_anywhere_refuses_the_refresh_before_a_set_is_written(patches, source, tmp_path):
+    fix_base_line(patches, b"class MiniMaxM3DecoderLayer(nn.Module):\n",
+                  b"# a base fix\nclass MiniMaxM3DecoderLayer(nn.Module):\n")
+    # The last set in order, and one the base fix does not touch: only the check up front sees it.
+    last = patches / "vllm-0.34.0"
+    last.rename(tmp_path / "moved")
+    last.symlink_to(tmp_path / "moved")
+    before = snapshot_sets(patches)
+    with pytest.raises(UnsafePath):
+        refresh(patches, source)
+    assert snapshot_sets(patches) == before
+
+
+def test_a_refresh_removes_the_stage_folders_a_killed_one_left_and_says_so(patches, source):
+    stage = patches / f".vllm-0.30.0{portfs.STAGE_MARK}123-abcd-new"
+    stage.mkdir(mode=0o700)
+    portfs.mark(stage)
+    said: list[str] = []
+    assert not [o for o in refresh(patches, source, echo=said.append) if o.changed]
+    assert not stage.exists()
+    assert said == [f"port: removed {stage.name}, a stage folder an interrupted refresh left behind"]
+
+
+def test_an_interrupted_refresh_says_what_it_left(patches, source, monkeypatch):
+    monkeypatch.setattr(interrupt, "_describe", None)  # the describer a refresh sets outlives it on a signal
+    stage = patches / f".vllm-0.30.0{portfs.STAGE_MARK}123-abcd-new"
+    stage.mkdir(mode=0o700)
+    portfs.mark(stage)
+
+    def ctrl_c(_line: str) -> None:
+        raise interrupt.Signalled(signal.SIGINT)
+
+    with pytest.raises(interrupt.Signalled) as exc:
+        refresh(patches, source, echo=ctrl_c)
+    assert interrupt.report(exc.value) == (
+        f"interrupted by SIGINT: `m3fuse port --refresh` on {patches} left each ported set whole (its old files or "
+        f"its new ones) and no stage folder; run it again to finish")
+
+
+def test_a_resolution_diff_that_is_not_utf8_is_refused_by_name(patches, source):
+    res = patches / "vllm-0.30.0" / "model.py.resolution.diff"
+    res.write_bytes(res.read_bytes() + b"\xff\n")
+    before = snapshot_sets(patches)
+    with pytest.raises(PatchSetError) as exc:
+        refresh(patches, source)
+    assert exc.value.message.startswith(f"{res}: is not UTF-8 text (byte ")
+    assert ("; a resolution diff is UTF-8 text. Record it again with `m3fuse port --record-resolutions`."
+            in exc.value.message)
+    assert snapshot_sets(patches) == before
+
+
+def test_an_old_set_that_cannot_be_removed_after_the_swap_does_not_fail_the_refresh(tmp_path, monkeypatch):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "stuck").write_bytes(b"o")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):  # a file this user may not remove (EPERM), as on a read-only or immutable file
+        if os.fspath(path).endswith("stuck"):
+            raise PermissionError(1, "Operation not permitted", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    lineage.replace_set(folder, {"new": b"n"}, lambda _p: None)  # the swap is done: no error for the leftover
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert sorted(p.name for p in folder.iterdir()) == ["new"]
+    left = [p for p in tmp_path.iterdir() if p.name != "s"]
+    assert len(left) == 1 and (left[0] / "stuck").read_bytes() == b"o"
