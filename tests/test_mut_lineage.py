@@ -518,3 +518,21 @@ def test_an_old_set_that_cannot_be_removed_after_the_swap_does_not_fail_the_refr
     assert sorted(p.name for p in folder.iterdir()) == ["new"]
     left = [p for p in tmp_path.iterdir() if p.name != "s"]
     assert len(left) == 1 and (left[0] / "stuck").read_bytes() == b"o"
+    # The leftover keeps its marker (removed last), so the next run finds it and removes it.
+    assert (left[0] / portfs.MARKER).read_bytes() == portfs.MARKER_TEXT
+    assert portfs.clean_stages(tmp_path) == left and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_a_stage_is_removed_whole_marker_last_and_never_through_a_link(tmp_path):
+    stage = tmp_path / ".s.port-1-new"
+    (stage / "base" / "vllm").mkdir(parents=True)
+    (stage / portfs.MARKER).write_bytes(portfs.MARKER_TEXT)
+    (stage / "base" / "vllm" / "f.py").write_text("x")
+    (stage / "model.py.diff").write_text("d")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("k")
+    (stage / "link").symlink_to(outside)
+    portfs.remove_stage(stage)
+    assert not os.path.lexists(stage) and (outside / "keep").read_text() == "k"
+    portfs.remove_stage(stage)  # already gone: nothing to do, no error

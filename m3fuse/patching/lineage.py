@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,7 +33,7 @@ from .basesource import BaseSource
 from .hunks import FileDiff, apply_diff, parse_diff, split_lines
 from .patchset import MANIFEST, PatchSet, Target, _read_set_file, load_all, load_patchset
 from .port import MARKERS, MergedFile, _prove_set, merge_file
-from .portfs import MARKER, STAGE_MARK, check_set_folder, clean_stages, mark, unmark, write_folder
+from .portfs import MARKER, STAGE_MARK, check_set_folder, clean_stages, mark, remove_stage, unmark, write_folder
 from .readers import READERS_FILE
 
 RESOLUTION_SUFFIX = ".resolution.diff"
@@ -235,12 +234,12 @@ def replace_set(folder: Path, files: dict[str, bytes], prove: Callable[[Path], N
         _exchange(new, folder)
     except BaseException:
         unmark(folder)
-        shutil.rmtree(new, ignore_errors=True)
+        remove_stage(new)
         raise
     unmark(folder)
     atomic._fsync_dir(folder.parent)
     atomic._checkpoint(f"refresh-swapped {folder.name}")  # the old set now sits under the stage name
-    shutil.rmtree(new, ignore_errors=True)
+    remove_stage(new)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -149,7 +149,7 @@ def write_folder(final: Path, files: dict[str, bytes], prove: Callable[[Path], N
             raise UsageProblem(f"{final}: appeared while m3fuse was writing; nothing was written. Run again.")
         os.rename(stage_dir, final)
     except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        remove_stage(stage_dir)
         raise
     if not keep_marker:
         os.unlink(final / MARKER)
@@ -211,6 +211,34 @@ def _is_our_stage(directory: Path, name: str) -> bool:
         return False
 
 
+def remove_stage(stage: Path) -> None:
+    """Remove a stage folder, its marker last: a removal cut short (a file this user may not
+    delete, a kill) leaves a folder that still carries the marker, which the next run's
+    `clean_stages` finds and removes, never an unmarked leftover no run would touch again."""
+    try:
+        names = os.listdir(stage)
+    except OSError:
+        return
+    for name in names:
+        if name == MARKER:
+            continue
+        p = stage / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)  # fd-based: never follows a link
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    try:
+        if os.listdir(stage) in ([MARKER], []):
+            if os.path.lexists(stage / MARKER):
+                os.unlink(stage / MARKER)
+            os.rmdir(stage)
+    except OSError:
+        pass
+
+
 def clean_stages(directory: Path) -> list[Path]:
     """Staged folders a killed port left in `directory`: only those holding m3fuse's marker
     (a folder merely named like one is never touched). Call under the lock."""
@@ -221,6 +249,6 @@ def clean_stages(directory: Path) -> list[Path]:
         return removed
     for name in names:
         if _is_our_stage(directory, name):
-            shutil.rmtree(directory / name, ignore_errors=True)  # fd-based: never follows a link
+            remove_stage(directory / name)
             removed.append(directory / name)
     return removed
