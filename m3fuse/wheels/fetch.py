@@ -130,12 +130,6 @@ def cache_path(root: Path, wheel: LockedWheel) -> Path:
     return root / "wheels" / "sha256" / wheel.sha256[:2] / wheel.sha256 / wheel.name
 
 
-def _fmt_size(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    return f"{n} bytes"
-
-
 MISMATCH_HEADLINE = "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK"  # pip's words for the same failure
 
 
