@@ -461,3 +461,9 @@ def test_without_flock_old_partial_files_go(tmp_path, monkeypatch, server):
     assert got.read_bytes() == BODY and got.stat().st_mode & 0o777 == 0o644 and not fetch._HELD
     assert sorted(p.name for p in tmp.iterdir()) == ["young.part"]
     assert fetch.obtain(pinned(url=_local(tmp_path, BODY)), logged(tmp_path / "2")).read_bytes() == BODY
+
+
+def test_an_empty_local_file_stays_empty(tmp_path):
+    """A zero-byte source is copied as zero bytes (the partial file is cut to 0 before the copy)."""
+    w = LockedWheel(WHEEL, _local(tmp_path, b""), hashlib.sha256(b"").hexdigest(), 0)
+    assert fetch.obtain(w, logged(tmp_path)).read_bytes() == b""

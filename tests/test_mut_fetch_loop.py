@@ -311,6 +311,11 @@ def test_a_pinned_size_stops_the_read_past_it(tmp_path):
     assert got[1] == fetch.CHUNK and len(log) == 1
 
 
+def test_the_read_stops_one_chunk_past_a_pin_a_byte_short_of_it(tmp_path):
+    got, _, _, _ = fetch_plan(tmp_path, [], expected_size=fetch.CHUNK - 1)
+    assert got == (hashlib.sha256(DATA[:fetch.CHUNK]).hexdigest(), fetch.CHUNK)
+
+
 def test_a_body_one_byte_past_a_pinned_chunk_is_read_whole(tmp_path):
     """The pin ends exactly at a chunk boundary: the read goes on, so the extra byte is seen."""
     data = DATA[:fetch.CHUNK + 1]
@@ -355,10 +360,11 @@ def test_a_broken_gzip_body_is_retried(tmp_path, fault, why):
 
 # ------------------------------------------------------------------------- the deadline
 def test_a_trickle_is_ended_by_the_deadline(tmp_path):
-    """One byte every 0.2 s never trips the read timeout; the deadline shuts the socket."""
+    """One byte every 0.2 s never trips the read timeout; the deadline shuts the socket at 0.5 s,
+    long before the trickle's 6 s."""
     t0 = time.monotonic()
     e, log, _, url = fail_plan(tmp_path, ["drip"], config={"deadline": 0.5, "read_timeout": 5})
-    assert time.monotonic() - t0 < 10  # the trickle would last days
+    assert time.monotonic() - t0 < 4
     assert e.headline == ("downloading L did not finish within its 0.5-second deadline; the partial file was deleted"
                           " and nothing was installed")
     rows = dict(e.details)
@@ -366,20 +372,24 @@ def test_a_trickle_is_ended_by_the_deadline(tmp_path):
     assert f"--download-deadline (or {DEADLINE_VAR})" in e.hint and len(log) == 1
 
 
-def test_a_trickle_with_a_length_is_ended_by_the_deadline(tmp_path):
-    """Also with a Content-Length (the cut read then fails rather than ending)."""
-    from m3fuse.wheels import fetch as f
-
-    c = cfg(tmp_path, deadline=0.5, read_timeout=5)
-    with FaultServer() as srv:
+def test_a_deadline_under_a_second_is_kept(tmp_path):
+    """The cut comes at the deadline itself, also when less than a second is left: with a byte
+    every 0.1 s (inside the read timeout, capped at the 0.3 s left) about 3 arrive, not 10."""
+    c = cfg(tmp_path, deadline=0.3, read_timeout=5)
+    with FaultServer(drip_s=0.1) as srv:
         url = srv.add(NAME, DATA, ["drip"])
-        srv_files = srv.files[f"/wheels/{NAME}"]
-        assert srv_files.plan == ["drip"]
-        t0 = time.monotonic()
         with pytest.raises(EnvironmentProblem) as ei:
-            f.download(url, tmp_path / "d", c, label="L", expected_size=len(DATA))
-    assert time.monotonic() - t0 < 10
-    assert "0.5-second deadline" in ei.value.headline
+            download(url, tmp_path / "d", c, label="L")
+    assert "0.3-second deadline" in ei.value.headline
+    assert int(dict(ei.value.details)["received"].split()[0]) < 7, ei.value.details
+
+
+def test_a_gzip_trickle_is_ended_by_the_deadline(tmp_path):
+    """The decoding reader fails (rather than ending) on the shut socket: still the deadline."""
+    t0 = time.monotonic()
+    e, log, _, _ = fail_plan(tmp_path, ["drip"], gzip=True, range_ok=False, config={"deadline": 0.5, "read_timeout": 5})
+    assert time.monotonic() - t0 < 4
+    assert "0.5-second deadline" in e.headline and len(log) == 1
 
 
 def test_the_deadline_ends_the_waits_between_attempts(tmp_path):
@@ -570,7 +580,8 @@ def test_the_bar_is_drawn_on_a_terminal_only(tty_stderr, monkeypatch):
     assert bar is not None and bar.pos == 250 and bar.length == 1000 and bar.show_percent
     assert bar.label == "  " + "a" * 40
     bar.__exit__(None, None, None)
-    assert "25%" in tty_stderr.shown()
+    shown = tty_stderr.shown()
+    assert "25%" in shown and "250" not in shown  # a percentage, not a count of bytes
     unknown = fetch._bar("b", None, 0, True)
     assert unknown is not None and unknown.pos == 0 and not unknown.show_percent
     unknown.__exit__(None, None, None)

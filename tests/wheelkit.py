@@ -167,14 +167,15 @@ class FaultServer:
     timeout), nolength (no Content-Length; close ends the body), 404; any other number (that
     status, 429 and 416 say), badrange (206 whose Content-Range starts elsewhere than asked), reset (half the
     body, then a TCP reset), cut (no Content-Length, half the body, then close), drip (one byte
-    every 0.2 s, for as long as the client reads), garbled (with `gzip`, a body that is not gzip).
+    every `drip_s`, 30 of them, then close), garbled (with `gzip`, a body that is not gzip).
     Range requests are honoured when `range_ok` is true, ignored (200 + whole file) otherwise.
     With `gzip` every body is sent gzip-compressed (Content-Encoding: gzip), after the Range cut."""
 
-    def __init__(self, range_ok: bool = True, stall_s: float = 1.5, gzip: bool = False) -> None:
+    def __init__(self, range_ok: bool = True, stall_s: float = 1.5, gzip: bool = False, drip_s: float = 0.2) -> None:
         self.files: dict[str, Served] = {}
         self.range_ok = range_ok
         self.stall_s = stall_s
+        self.drip_s = drip_s
         self.gzip = gzip
         self.log: list[tuple[str, str | None, str, int]] = []  # path, Range, fault, status
         self._lock = threading.Lock()
@@ -225,7 +226,7 @@ class FaultServer:
                 self.send_header("Content-Type", "application/octet-stream")
                 if server.gzip:
                     self.send_header("Content-Encoding", "gzip")
-                if fault not in ("nolength", "cut", "drip"):
+                if fault not in ("nolength", "cut"):
                     self.send_header("Content-Length", str(len(body)))
                 if status == 206:
                     first = start + 1 if fault == "badrange" else start
@@ -245,10 +246,10 @@ class FaultServer:
                             self.connection.shutdown(socket.SHUT_RDWR)
                         return
                     if fault == "drip":
-                        for i in range(len(body)):
+                        for i in range(min(len(body), 30)):
                             self.wfile.write(body[i:i + 1])
                             self.wfile.flush()
-                            time.sleep(0.2)
+                            time.sleep(server.drip_s)
                         return
                     if fault == "stall":
                         time.sleep(server.stall_s)
