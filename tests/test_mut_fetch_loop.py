@@ -485,7 +485,8 @@ def test_an_unwritable_destination_is_named(tmp_path):
     with pytest.raises(EnvironmentProblem) as ei:
         download("http://127.0.0.1:9/x", link, cfg(tmp_path), label="L")
     assert ei.value.headline == "cannot write the download of L"
-    assert ei.value.details[0] == ("file", str(link)) and not (tmp_path / "elsewhere").exists()
+    assert ei.value.details == (("file", str(link)), ("error", "Too many levels of symbolic links"))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_write_error_is_not_retried(tmp_path):
@@ -614,3 +615,41 @@ def test_an_unsized_bar_takes_the_pinned_size(tmp_path, tty_stderr):
     got, _, _, _ = fetch_plan(tmp_path, ["nolength"], config={"progress": None}, expected_size=len(DATA))
     shown = tty_stderr.shown()
     assert got == (SHA, len(DATA)) and "100%" in shown, shown
+
+
+def _response(conn_sock=None, fp_sock=None, close=None):
+    """The attribute paths _cut follows into urllib3 and http.client, holding real sockets."""
+    from types import SimpleNamespace as NS
+
+    raw = NS(_connection=NS(sock=conn_sock), _fp=NS(fp=NS(raw=NS(_sock=fp_sock))))
+    return NS(raw=raw, close=close or (lambda: None))
+
+
+def test_cut_shuts_the_first_socket_that_can_be_shut():
+    dead, _ = socket.socketpair()
+    dead.close()  # shutdown() fails on it: the next one is tried
+    mine, peer = socket.socketpair()
+    closed = []
+    cut = threading.Event()
+    try:
+        fetch._cut(_response(dead, mine, close=lambda: closed.append(1)), cut)
+        assert cut.is_set() and not closed
+        peer.settimeout(2)
+        assert peer.recv(1) == b""  # shut down: the peer reads the end at once
+        mine.settimeout(2)
+        assert mine.recv(1) == b""
+    finally:
+        mine.close()
+        peer.close()
+
+
+def test_cut_closes_the_response_when_no_socket_is_found():
+    closed = []
+    cut = threading.Event()
+    fetch._cut(_response(close=lambda: closed.append(1)), cut)
+    assert cut.is_set() and closed == [1]
+
+    def fails():
+        raise RuntimeError("already closed")
+
+    fetch._cut(_response(close=fails), threading.Event())  # best effort: nothing escapes the timer
