@@ -427,16 +427,19 @@ def test_leftover_partial_files(tmp_path, monkeypatch):
 
     tmp = tmp_path / "cache" / "tmp"
     tmp.mkdir(parents=True)
-    for name in ("dead.part", "alive.part", "ours.part", "notes.txt"):
+    for name in ("alive.part", "ours.part", "notes.txt"):
         (tmp / name).write_bytes(b"x")
-    (tmp / "dir.part").mkdir()
+    for i in range(10):  # interleaved: whatever order the folder lists them in, a file follows a folder
+        (tmp / f"dead{i}.part").write_bytes(b"x")
+        (tmp / f"dir{i}.part").mkdir()
     alive = os.open(tmp / "alive.part", os.O_RDONLY)
     ours = os.open(tmp / "ours.part", os.O_RDONLY)
     fcntl.flock(alive, fcntl.LOCK_EX)
     try:
         monkeypatch.setitem(fetch._HELD, str(tmp / "ours.part"), ours)
         assert fetch._tmp_dir(FetchConfig(cache_dir=tmp_path / "cache")) == tmp
-        assert sorted(p.name for p in tmp.iterdir()) == ["alive.part", "dir.part", "notes.txt", "ours.part"]
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(["alive.part", "notes.txt", "ours.part",
+                                                                *(f"dir{i}.part" for i in range(10))])
         # The probe's own lock is gone with it: the holder still holds, another probe still fails.
         assert fetch._writer_alive(tmp / "alive.part") and not fetch._writer_alive(tmp / "notes.txt")
         assert not fetch._writer_alive(tmp / "absent.part")

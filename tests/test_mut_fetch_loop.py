@@ -172,6 +172,11 @@ def test_the_hash_restart_happens_once(tmp_path):
     assert got == (hashlib.sha256(wrong).hexdigest(), len(DATA))
     # drop, resume (spliced: wrong), restart (whole wrong file): returned as it is, for the caller to refuse.
     assert [s for _, s in log] == [200, 206, 200]
+    # The restart breaks and resumes into a wrong splice again: no second restart.
+    spliced = DATA[:HALF] + wrong[HALF:]
+    got, log, _, _ = fetch_plan(tmp_path, ["drop", "wrong", "drop", "wrong"], expected_size=len(DATA),
+                                expected_sha256=SHA)
+    assert got == (hashlib.sha256(spliced).hexdigest(), len(DATA)) and [s for _, s in log] == [200, 206, 200, 206]
 
 
 def test_no_restart_without_a_pinned_hash_or_after_a_whole_transfer(tmp_path):
