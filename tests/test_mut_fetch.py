@@ -320,6 +320,14 @@ def test_a_local_file_longer_than_its_pin_is_read_one_byte_past_it(tmp_path):
     assert exc.value.headline == fetch.MISMATCH_HEADLINE + "; nothing was installed"
 
 
+def test_a_local_file_past_a_pin_of_more_than_a_chunk_is_read_one_byte_past_it(tmp_path):
+    big = os.urandom(fetch.CHUNK + 10)
+    w = LockedWheel(WHEEL, _local(tmp_path, big + b"z" * 5000), hashlib.sha256(big).hexdigest(), len(big))
+    with pytest.raises(IntegrityError) as exc:
+        fetch.obtain(w, logged(tmp_path))
+    assert dict(exc.value.details)["size"].startswith(f"expected {len(big)} bytes, got {len(big) + 1}: ")
+
+
 def test_a_local_file_of_other_bytes_is_refused(tmp_path):
     other = bytes(len(BODY))
     with pytest.raises(IntegrityError) as exc:
