@@ -269,6 +269,22 @@ def test_a_server_that_never_answers_is_retried(tmp_path):
     assert "timed out" in dict(ei.value.details)["last error"]
 
 
+def test_a_silent_server_past_the_deadline_is_the_deadline_even_without_retries(tmp_path):
+    """No response at all, so no cut: the clock alone says the deadline passed, and that is what
+    is reported, not "failed after 1 attempts"."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        c = cfg(tmp_path, retries=0, deadline=0.3, read_timeout=30)
+        with pytest.raises(EnvironmentProblem) as ei:
+            download(f"http://127.0.0.1:{srv.getsockname()[1]}/{NAME}", tmp_path / "d", c, label="L")
+    finally:
+        srv.close()
+    assert "0.3-second deadline" in ei.value.headline
+    assert dict(ei.value.details)["last error"].startswith("connection failed: ")
+
+
 def test_a_host_name_that_does_not_resolve_is_not_retried(tmp_path):
     c = cfg(tmp_path, retries=3)
     with pytest.raises(EnvironmentProblem) as ei:
