@@ -456,6 +456,24 @@ def test_leftover_partial_files(tmp_path, monkeypatch):
         os.close(ours)
 
 
+def test_the_writer_probe_opens_neither_a_link_nor_a_fifo(tmp_path):
+    """The probe follows no symlink (a link to a held file is not a live download of ours) and
+    does not block on a FIFO with no writer."""
+    import fcntl
+
+    held = tmp_path / "held"
+    held.write_bytes(b"x")
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        (tmp_path / "link.part").symlink_to(held)
+        assert fetch._writer_alive(held) and not fetch._writer_alive(tmp_path / "link.part")
+    finally:
+        os.close(fd)
+    os.mkfifo(tmp_path / "fifo.part")
+    assert not fetch._writer_alive(tmp_path / "fifo.part")
+
+
 def test_without_flock_old_partial_files_go(tmp_path, monkeypatch, server):
     """Where flock is absent, a .part untouched for a day is a leftover; a younger one may be a
     live run's. The whole download then writes and publishes by name."""
