@@ -593,6 +593,10 @@ def tty_stderr(monkeypatch):
 
     yield Tty()
     term.close()
+    # The reader ends on the closed terminal (EIO) before the master goes: a reader still blocked
+    # on a closed master's number would read the next test's terminal once that number is reused.
+    reader.join(5)
+    assert not reader.is_alive()
     os.close(master)
 
 
