@@ -337,6 +337,16 @@ def test_the_read_stops_one_chunk_past_a_pin_a_byte_short_of_it(tmp_path):
     assert got == (hashlib.sha256(DATA[:fetch.CHUNK]).hexdigest(), fetch.CHUNK)
 
 
+def test_a_resumed_read_stops_one_chunk_past_the_pin(tmp_path):
+    """After a resume the bound counts the bytes already there: a body far past the pin is read
+    one chunk into the rest, not to its end."""
+    big = os.urandom(4 << 20)
+    half = len(big) // 2
+    got, log, _, _ = fetch_plan(tmp_path, ["drop"], data=big, expected_size=half + 10)
+    assert log == [(None, 200), (f"bytes={half}-", 206)]
+    assert got == (hashlib.sha256(big[:half + fetch.CHUNK]).hexdigest(), half + fetch.CHUNK)
+
+
 def test_a_body_one_byte_past_a_pinned_chunk_is_read_whole(tmp_path):
     """The pin ends exactly at a chunk boundary: the read goes on, so the extra byte is seen."""
     data = DATA[:fetch.CHUNK + 1]
@@ -604,7 +614,7 @@ def test_the_bar_is_drawn_on_a_terminal_only(tty_stderr, monkeypatch):
     tty_stderr.install()
     bar = fetch._bar("a" * 50, 1000, 250, None)
     assert bar is not None and bar.pos == 250 and bar.length == 1000 and bar.show_percent
-    assert bar.label == "  " + "a" * 40
+    assert bar.label == "  " + "a" * 40 and bar.width == 30
     bar.__exit__(None, None, None)
     shown = tty_stderr.shown()
     assert "25%" in shown and "250" not in shown  # a percentage, not a count of bytes
