@@ -347,6 +347,15 @@ def test_a_resumed_read_stops_one_chunk_past_the_pin(tmp_path):
     assert got == (hashlib.sha256(big[:half + fetch.CHUNK]).hexdigest(), half + fetch.CHUNK)
 
 
+def test_a_body_cut_short_of_its_length_at_the_pinned_size_is_not_taken_whole(tmp_path):
+    """The body broke exactly at the pinned size, short of its Content-Length: a truncated
+    transfer, retried, even though its bytes so far are what the pin names."""
+    got, log, lines, _ = fetch_plan(tmp_path, ["drop"], expected_size=HALF,
+                                    expected_sha256=hashlib.sha256(DATA[:HALF]).hexdigest())
+    assert lines[1].startswith(f"L: truncated body: {HALF} of {len(DATA)} bytes; retry 1/3")
+    assert len(log) > 1 and got[1] > HALF
+
+
 def test_a_body_one_byte_past_a_pinned_chunk_is_read_whole(tmp_path):
     """The pin ends exactly at a chunk boundary: the read goes on, so the extra byte is seen."""
     data = DATA[:fetch.CHUNK + 1]
