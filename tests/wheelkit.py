@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gzip as gzip_module
 import hashlib
 import http.server
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -145,7 +147,8 @@ def lock_text(entries: list[tuple[str, str, list[tuple[Path, str]]]], *, sizes: 
 
 # ------------------------------------------------------------------------- fault server
 
-FAULTS = ("ok", "drop", "500", "503-then-ok", "wrong", "short", "stall", "slow", "nolength", "404", "bigger")
+FAULTS = ("ok", "drop", "500", "503-then-ok", "wrong", "short", "stall", "slow", "nolength", "404", "bigger",
+          "429", "416", "badrange", "reset", "cut", "drip", "garbled")  # and any other HTTP status, as digits
 
 
 @dataclass
@@ -161,13 +164,19 @@ class FaultServer:
     (error status), wrong (same length, other bytes), short (a consistently truncated file,
     honest Content-Length), bigger (extra bytes), stall (no body for `stall_s` seconds, longer
     than the client's read timeout), slow (body trickled in small pieces, within the
-    timeout), nolength (no Content-Length; close ends the body), 404.
-    Range requests are honoured when `range_ok` is true, ignored (200 + whole file) otherwise."""
+    timeout), nolength (no Content-Length; close ends the body), 404; any other number (that
+    status, 429 and 416 say), badrange (206 whose Content-Range starts elsewhere than asked), reset (half the
+    body, then a TCP reset), cut (no Content-Length, half the body, then close), drip (one byte
+    every `drip_s`, 30 of them, then close), garbled (with `gzip`, a body that is not gzip).
+    Range requests are honoured when `range_ok` is true, ignored (200 + whole file) otherwise.
+    With `gzip` every body is sent gzip-compressed (Content-Encoding: gzip), after the Range cut."""
 
-    def __init__(self, range_ok: bool = True, stall_s: float = 1.5) -> None:
+    def __init__(self, range_ok: bool = True, stall_s: float = 1.5, gzip: bool = False, drip_s: float = 0.2) -> None:
         self.files: dict[str, Served] = {}
         self.range_ok = range_ok
         self.stall_s = stall_s
+        self.drip_s = drip_s
+        self.gzip = gzip
         self.log: list[tuple[str, str | None, str, int]] = []  # path, Range, fault, status
         self._lock = threading.Lock()
         server = self
@@ -188,8 +197,8 @@ class FaultServer:
                     server.log.append((path, rng, fault, 404))
                     self.send_error(404)
                     return
-                if fault in ("500", "503-then-ok"):
-                    code = 500 if fault == "500" else 503
+                if fault == "503-then-ok" or fault.isdigit():
+                    code = 503 if fault == "503-then-ok" else int(fault)
                     server.log.append((path, rng, fault, code))
                     self.send_error(code)
                     return
@@ -210,21 +219,37 @@ class FaultServer:
                         return
                     status = 206
                 body = data[start:]
+                if server.gzip:
+                    body = b"not gzip at all" * 8 if fault == "garbled" else gzip_module.compress(body)
                 server.log.append((path, rng, fault, status))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
-                if fault != "nolength":
+                if server.gzip:
+                    self.send_header("Content-Encoding", "gzip")
+                if fault not in ("nolength", "cut"):
                     self.send_header("Content-Length", str(len(body)))
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    first = start + 1 if fault == "badrange" else start
+                    self.send_header("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}")
                 if server.range_ok:
                     self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 try:
-                    if fault == "drop":
+                    if fault in ("drop", "cut", "reset"):
                         self.wfile.write(body[: max(1, len(body) // 2)])
                         self.wfile.flush()
-                        self.connection.shutdown(socket.SHUT_RDWR)
+                        if fault == "reset":  # SO_LINGER 0: close() sends RST, the reader gets ECONNRESET
+                            time.sleep(0.05)
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            self.connection.close()
+                        else:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if fault == "drip":
+                        for i in range(min(len(body), 30)):
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.drip_s)
                         return
                     if fault == "stall":
                         time.sleep(server.stall_s)
@@ -242,7 +267,8 @@ class FaultServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # A short poll: shutdown() waits for it, once per server (0.5 s by default).
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self) -> "FaultServer":
         self.thread.start()

@@ -51,7 +51,7 @@ SELECTIONS: dict[str, list[str]] = {
     "m3fuse/patching/lineage.py": ["tests/test_mut_lineage.py"],
     "m3fuse/wheels/lock.py": ["tests/test_mut_lock.py", "tests/test_lock.py"],
     "m3fuse/wheels/fit.py": ["tests/test_mut_fit.py", "tests/test_fixes_aiter.py"],
-    "m3fuse/wheels/fetch.py": ["tests/test_mut_fetch.py"],
+    "m3fuse/wheels/fetch.py": ["tests/test_mut_fetch_loop.py", "tests/test_mut_fetch.py"],
     "m3fuse/wheels/install.py": ["tests/test_mut_install.py"],
     "m3fuse/bytecode.py": ["tests/test_mut_bytecode.py", "tests/test_bounded_bytecode.py"],
     "m3fuse/safeio.py": ["tests/test_mut_safeio.py"],

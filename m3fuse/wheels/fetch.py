@@ -130,12 +130,6 @@ def cache_path(root: Path, wheel: LockedWheel) -> Path:
     return root / "wheels" / "sha256" / wheel.sha256[:2] / wheel.sha256 / wheel.name
 
 
-def _fmt_size(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    return f"{n} bytes"
-
-
 MISMATCH_HEADLINE = "THESE FILES DO NOT MATCH THE HASHES IN THE LOCK"  # pip's words for the same failure
 
 
@@ -176,7 +170,10 @@ def _bar(label: str, total: int | None, have: int, show: bool | None):  # noqa: 
         return None
     import click
 
-    bar = click.progressbar(length=total, label=f"  {label[:40]}", file=sys.stderr, show_pos=False,
+    # click needs a length or an iterable: with neither size known (no Content-Length, no pinned
+    # size) an empty generator, which has no length hint, gets its bar of unknown length.
+    bar = click.progressbar(None if total is not None else (_ for _ in ()), length=total, label=f"  {label[:40]}",
+                            file=sys.stderr, show_pos=False,
                             show_percent=total is not None, width=30)
     bar.__enter__()
     if have:
@@ -661,7 +658,10 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                         cfg.echo(f"{label}: server ignored the Range request; restarting from byte 0")
                     h, have = hashlib.sha256(), 0
                 clen = resp.headers.get("Content-Length")
-                body_len = int(clen) if clen and clen.isdigit() else None
+                # A content-encoded body's Content-Length counts its encoded bytes, not the file's:
+                # a gzipped wheel (already compressed) decodes to fewer bytes than that.
+                encoded = resp.headers.get("Content-Encoding", "identity") != "identity"
+                body_len = int(clen) if clen and clen.isdigit() and not encoded else None
                 total = (have + body_len) if body_len is not None else expected_size
                 bar = _bar(label, total, have, show)
                 start = have
@@ -683,7 +683,10 @@ def _download(session, requests, url: str, dest: Path, cfg: FetchConfig, expecte
                         requests.exceptions.ContentDecodingError, HTTPException, OSError) as exc:
                     if cut.is_set():
                         raise past_deadline() from None
-                    if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
+                    # requests' own errors are OSErrors too (RequestException derives from IOError):
+                    # a broken content-encoded body is the network's fault, not the disk's.
+                    if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError,
+                                                                        requests.RequestException)):
                         raise EnvironmentProblem(headline=f"writing the download of {label} failed",
                                                  details=[("file", str(dest)), ("error", str(exc))],
                                                  hint="check the cache folder's disk space and permissions, "
